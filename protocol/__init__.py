@@ -1,0 +1,125 @@
+"""The Flowloom wire protocol: envelopes, message models, the msgpack codec, tensors, chunking
+and signing. This package does no I/O.
+
+>>> from protocol import Envelope, Heartbeat, decode, encode
+>>> env = Envelope.new(src="edge-1", dst="orchestrator", body=Heartbeat(seq=1))
+>>> decode(encode(env)) == env
+True
+"""
+
+from protocol._chunking import CHUNK_SIZE, Reassembler, split_blob
+from protocol._codec import DEFAULT_MAX_FRAME, decode, encode, encode_parts
+from protocol._envelope import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Envelope
+from protocol._errors import (
+    BadSignatureError,
+    ChunkError,
+    DecodeError,
+    EncodeError,
+    FlowloomError,
+    ProtocolError,
+    ReplayError,
+    StaleError,
+    TooLargeError,
+    UnknownKindError,
+    VersionMismatchError,
+)
+from protocol._ids import new_id
+from protocol._messages import (
+    MESSAGE_KINDS,
+    AddEdge,
+    AddTask,
+    BlobChunk,
+    Body,
+    Bye,
+    Capabilities,
+    Error,
+    ErrorCode,
+    GraphPatch,
+    Heartbeat,
+    Hello,
+    PatchOp,
+    Placement,
+    Relay,
+    RemoveEdge,
+    RemoveTask,
+    Resources,
+    TaskAck,
+    TaskAssign,
+    TaskCancel,
+    TaskFailed,
+    TaskProgress,
+    TaskResult,
+    TaskSpec,
+    UpdateTask,
+    Welcome,
+)
+from protocol._models import MAX_HOPS
+from protocol._negotiation import negotiate_version
+from protocol._signing import Signer, Verifier
+from protocol._tensor import Lossy, LossyFormat
+
+__all__ = [
+    "CHUNK_SIZE",
+    "DEFAULT_MAX_FRAME",
+    "MAX_HOPS",
+    "MESSAGE_KINDS",
+    "PROTOCOL_VERSION",
+    "SUPPORTED_VERSIONS",
+    "AddEdge",
+    "AddTask",
+    "BadSignatureError",
+    "BlobChunk",
+    "Body",
+    "Bye",
+    "Capabilities",
+    "ChunkError",
+    "DecodeError",
+    "EncodeError",
+    "Envelope",
+    "Error",
+    "ErrorCode",
+    "FlowloomError",
+    "GraphPatch",
+    "Heartbeat",
+    "Hello",
+    "Lossy",
+    "LossyFormat",
+    "PatchOp",
+    "Placement",
+    "ProtocolError",
+    "Reassembler",
+    "Relay",
+    "RemoveEdge",
+    "RemoveTask",
+    "ReplayError",
+    "Resources",
+    "Signer",
+    "StaleError",
+    "TaskAck",
+    "TaskAssign",
+    "TaskCancel",
+    "TaskFailed",
+    "TaskProgress",
+    "TaskResult",
+    "TaskSpec",
+    "TooLargeError",
+    "UnknownKindError",
+    "UpdateTask",
+    "Verifier",
+    "VersionMismatchError",
+    "Welcome",
+    "decode",
+    "encode",
+    "encode_parts",
+    "negotiate_version",
+    "new_id",
+    "split_blob",
+]
+
+# Public classes and functions report the package as their home, so reprs and tracebacks show
+# `protocol.DecodeError`, not the private module it happens to live in.
+for _name in __all__:
+    _member = globals()[_name]
+    if isinstance(_member, type) or callable(_member) and hasattr(_member, "__code__"):
+        _member.__module__ = "protocol"
+del _name, _member

@@ -1,0 +1,166 @@
+"""Envelopes survive the wire exactly, and bad frames are refused with errors that say why."""
+
+import math
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+
+from protocol import (
+    MESSAGE_KINDS,
+    AddTask,
+    BlobChunk,
+    Bye,
+    Capabilities,
+    DecodeError,
+    EncodeError,
+    Envelope,
+    Error,
+    GraphPatch,
+    Heartbeat,
+    Hello,
+    Relay,
+    TaskAck,
+    TaskAssign,
+    TaskCancel,
+    TaskFailed,
+    TaskProgress,
+    TaskResult,
+    TaskSpec,
+    TooLargeError,
+    UnknownKindError,
+    VersionMismatchError,
+    Welcome,
+    decode,
+    encode,
+    encode_parts,
+    negotiate_version,
+    new_id,
+)
+
+CAPS = Capabilities(tier="edge", cores=4, memory_mb=8192, task_kinds=["echo"], labels={"site": "lab"})
+
+ONE_OF_EACH = [
+    Hello(versions=[1], capabilities=CAPS),
+    Welcome(version=1, heartbeat_s=1.0, capabilities=CAPS),
+    Heartbeat(seq=7, running=1, queued=2, load=0.5),
+    Bye(reason="shutting down"),
+    TaskAssign(job="j1", task="t1", attempt=0, task_kind="echo", params={"x": 1}, inputs={"a": [1, 2]}),
+    TaskAck(job="j1", task="t1", attempt=0),
+    TaskProgress(job="j1", task="t1", attempt=0, seq=3, fraction=0.5, data={"token": "hi"}),
+    TaskResult(job="j1", task="t1", attempt=0, value={"y": 2}, metrics={"compute_s": 0.01}),
+    TaskFailed(job="j1", task="t1", attempt=1, code="executor", message="boom", retryable=False),
+    TaskCancel(job="j1", task="t1", reason="user asked"),
+    GraphPatch(job="j1", ops=[AddTask(task=TaskSpec(id="t2", kind="echo"), after=["t1"])]),
+    BlobChunk(transfer=new_id(), index=0, count=1, size=3, offset=0, crc32=0x352441C2, data=b"abc"),
+    Relay(target="cloud-1", frame=b"\x80"),
+    Error(code="unreachable", message="no route to cloud-9", target="cloud-9"),
+]
+
+
+def test_one_example_of_every_kind_is_listed() -> None:
+    assert {body.kind for body in ONE_OF_EACH} == MESSAGE_KINDS
+
+
+@pytest.mark.parametrize("body", ONE_OF_EACH, ids=lambda b: b.kind)
+def test_every_message_kind_round_trips_unchanged(body: object) -> None:
+    env = Envelope.new(src="edge-1", dst="orchestrator", body=body, corr=new_id(), trace="job-1")
+    again = decode(encode(env))
+    assert again == env
+    assert again.kind == env.kind
+
+
+def test_reply_goes_back_to_the_sender_correlated_to_the_request() -> None:
+    request = Envelope.new(src="orchestrator", dst="edge-1", body=TaskCancel(job="j", task="t"))
+    reply = request.reply(TaskAck(job="j", task="t", attempt=0))
+    assert (reply.src, reply.dst, reply.corr) == ("edge-1", "orchestrator", request.id)
+
+
+def test_ids_sort_in_creation_order() -> None:
+    ids = [new_id() for _ in range(5000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+
+
+def test_a_frame_is_plain_msgpack_that_any_decoder_reads() -> None:
+    env = Envelope.new(src="device-1", dst="*", body=Heartbeat(seq=1))
+    plain = msgpack.unpackb(encode(env))
+    assert list(plain) == ["v", "id", "src", "dst", "corr", "ts", "deadline", "hops", "trace", "kid", "body", "sig"]
+    assert plain["body"] == {"kind": "heartbeat", "seq": 1, "running": 0, "queued": 0, "load": 0.0}
+
+
+def _frame(**changes: object) -> bytes:
+    plain = msgpack.unpackb(encode(Envelope.new(src="a", dst="b", body=Heartbeat(seq=1))))
+    plain.update(changes)
+    return msgpack.packb(plain)
+
+
+def test_unknown_kind_is_named() -> None:
+    with pytest.raises(UnknownKindError, match="'task.teleport'"):
+        decode(_frame(body={"kind": "task.teleport"}))
+
+
+def test_unsupported_version_names_both_sides() -> None:
+    with pytest.raises(VersionMismatchError, match=r"version 9 .* reads \[1\]"):
+        decode(_frame(v=9))
+
+
+def test_invalid_field_is_named_by_its_path() -> None:
+    with pytest.raises(DecodeError, match=r"body\.seq"):
+        decode(_frame(body={"kind": "heartbeat", "seq": -1}))
+    with pytest.raises(DecodeError, match=r"src"):
+        decode(_frame(src="no spaces allowed"))
+    with pytest.raises(DecodeError, match=r"surprise"):
+        decode(_frame(surprise=1))
+
+
+def test_oversize_frame_is_refused_before_parsing() -> None:
+    with pytest.raises(TooLargeError, match="exceeds the limit of 100 bytes"):
+        decode(b"\x80" * 101, max_size=100)
+
+
+def test_trailing_bytes_are_refused() -> None:
+    with pytest.raises(DecodeError, match="trailing"):
+        decode(_frame() + b"\x00")
+
+
+def test_values_that_cannot_travel_are_refused_at_encode() -> None:
+    env = Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value={"s": {1, 2}}))
+    with pytest.raises(EncodeError, match="builtins.set"):
+        encode(env)
+
+
+def test_non_finite_timestamps_are_refused() -> None:
+    with pytest.raises(DecodeError, match="ts"):
+        decode(_frame(ts=math.nan))
+
+
+def test_version_negotiation_picks_the_highest_common_version() -> None:
+    assert negotiate_version([1, 2, 3], [1, 2]) == 2
+    with pytest.raises(VersionMismatchError, match=r"peer offers \[4\], this node speaks \[1\]"):
+        negotiate_version([4])
+
+
+def test_tensors_anywhere_in_a_value_round_trip() -> None:
+    value = {
+        "np": np.arange(12, dtype=np.int64).reshape(3, 4),
+        "list": [torch.ones(2, 2, dtype=torch.bfloat16), np.array(True)],
+        "big": np.random.default_rng(0).standard_normal((300, 300)).astype(np.float32),
+    }
+    env = Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=value))
+    got = decode(encode(env)).body.value
+    assert np.array_equal(got["np"], value["np"])
+    assert isinstance(got["list"][0], torch.Tensor) and got["list"][0].dtype == torch.bfloat16
+    assert torch.equal(got["list"][0], value["list"][0])
+    assert got["list"][1].dtype == np.bool_ and bool(got["list"][1])
+    assert np.array_equal(got["big"], value["big"])
+
+
+def test_encode_parts_does_not_copy_tensor_data() -> None:
+    big = np.zeros(1 << 20, dtype=np.float32)
+    env = Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=big))
+    parts = encode_parts(env)
+    tensor_part = max(parts, key=lambda p: memoryview(p).nbytes)
+    assert np.shares_memory(np.frombuffer(tensor_part, dtype=np.uint8), big)
+    assert b"".join(parts) == encode(env)
