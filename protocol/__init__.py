@@ -1,5 +1,7 @@
-"""The Flowloom wire protocol: envelopes, message models, the msgpack codec, tensors, chunking
-and signing. This package does no I/O.
+"""The Flowloom wire protocol; this package does no I/O.
+
+Envelopes and the closed union of message models, the msgpack codec with tensor exts, lossy
+activation formats, chunking of large payloads, and HMAC signing with replay defence.
 
 >>> from protocol import Envelope, Heartbeat, decode, encode
 >>> env = Envelope.new(src="edge-1", dst="orchestrator", body=Heartbeat(seq=1))
@@ -120,6 +122,6 @@ __all__ = [
 # `protocol.DecodeError`, not the private module it happens to live in.
 for _name in __all__:
     _member = globals()[_name]
-    if isinstance(_member, type) or callable(_member) and hasattr(_member, "__code__"):
+    if isinstance(_member, type) or (callable(_member) and hasattr(_member, "__code__")):
         _member.__module__ = "protocol"
 del _name, _member

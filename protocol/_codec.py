@@ -47,7 +47,7 @@ __all__ = ["DEFAULT_MAX_FRAME", "ZERO_COPY_MIN", "decode", "encode", "encode_par
 DEFAULT_MAX_FRAME: Final = 512 << 20
 #: Frames of at least this many bytes are decoded without copying their tensors.
 ZERO_COPY_MIN: Final = 64 << 10
-_MAX_DEPTH: Final = 64
+_MAX_DEPTH: Final = 64  # nesting of maps and arrays; see docs/protocol.md "Limits"
 _SIG_NIL: Final = b"\xa3sig\xc0"
 
 
@@ -320,7 +320,9 @@ class _FrameReader:
         start = self._pos
         end = start + n
         if end > len(self._view):
-            raise DecodeError(f"frame truncated: need {n} bytes at offset {start}, have {len(self._view) - start}")
+            raise DecodeError(
+                f"frame truncated: need {n} bytes at offset {start}, have {len(self._view) - start}"
+            )
         self._pos = end
         return self._view[start:end]
 
@@ -368,7 +370,9 @@ class _FrameReader:
         fmt = _U16 if short else _U32
         n: int = fmt.unpack(self._take(fmt.size))[0]
         if n > len(self._view) - self._pos:  # every item takes at least one byte
-            raise DecodeError(f"container declares {n} items but only {len(self._view) - self._pos} bytes remain")
+            raise DecodeError(
+                f"container declares {n} items but only {len(self._view) - self._pos} bytes remain"
+            )
         return n
 
     def _array(self, n: int, depth: int) -> list[object]:

@@ -5,7 +5,7 @@ One root, with branches by what the caller can do about the failure::
     FlowloomError                 anything Flowloom raises on purpose
     └── ProtocolError             these bytes or this message are wrong: do not resend them as they are
         ├── EncodeError           a value cannot be put on the wire (unsupported type, non-finite int8 input)
-        ├── DecodeError           malformed bytes, a bad field, a bad tensor or a bad chunk
+        ├── DecodeError           malformed bytes, a bad field or a bad tensor payload
         │   └── UnknownKindError  a message kind this peer does not know
         ├── VersionMismatchError  no protocol version in common
         ├── TooLargeError         a frame or transfer above the configured limit

@@ -208,9 +208,7 @@ class UpdateTask(WireModel):
     """New per-attempt timeout in seconds."""
 
 
-PatchOp = Annotated[
-    AddTask | RemoveTask | AddEdge | RemoveEdge | UpdateTask, Field(discriminator="op")
-]
+PatchOp = Annotated[AddTask | RemoveTask | AddEdge | RemoveEdge | UpdateTask, Field(discriminator="op")]
 """One edit of a task graph."""
 
 

@@ -105,8 +105,7 @@ class Verifier:
         age = now - envelope.ts
         if abs(age) > self.max_skew_s:
             raise StaleError(
-                f"{who}: timestamp is {age:+.1f}s from this clock; accepted skew is "
-                f"+-{self.max_skew_s:g}s"
+                f"{who}: timestamp is {age:+.1f}s from this clock; accepted skew is +-{self.max_skew_s:g}s"
             )
         if envelope.ts <= self._floor:
             raise StaleError(f"{who}: timestamp is at or below the replay horizon {self._floor:.3f}")

@@ -76,8 +76,9 @@ _FP16_MAX = 65504.0
 
 @dataclass(frozen=True, slots=True)
 class Lossy:
-    """Marks a float tensor to travel in a smaller, lossy format; decoding returns a tensor of the
-    original dtype and shape.
+    """Marks a float tensor to travel in a smaller, lossy format.
+
+    Decoding returns a tensor of the original dtype and shape.
 
     Error bounds, per element x, for finite inputs:
 
@@ -155,7 +156,7 @@ def _fixed_header(flags: int, code: int, shape: tuple[int, ...], extra: int = 0)
 
 
 def _raw(arr: np.ndarray[Any, Any]) -> memoryview:
-    return memoryview(arr.reshape(-1).view(np.uint8))
+    return arr.reshape(-1).view(np.uint8).data
 
 
 def tensor_parts(obj: Any) -> TensorParts:
@@ -180,9 +181,7 @@ def lossy_parts(value: Lossy) -> TensorParts:
         body = _raw(_float32_to_bf16_bits(x))
     else:
         body = memoryview(_int8_encode(x, arr.shape))
-    head = _fixed_header(
-        _TORCH_FLAG if is_torch else 0, code, arr.shape, extra=_LOSSY_CODES[value.format]
-    )
+    head = _fixed_header(_TORCH_FLAG if is_torch else 0, code, arr.shape, extra=_LOSSY_CODES[value.format])
     return TensorParts(LOSSY_EXT, head, body)
 
 
@@ -221,7 +220,8 @@ def _int8_encode(x: np.ndarray[Any, Any], shape: tuple[int, ...]) -> bytes:
     scale = (absmax / 127.0).astype("<f4")
     safe = np.where(scale > 0, scale, 1.0).astype("<f4")
     q = np.clip(np.rint(rows / safe[:, None]), -127, 127).astype("i1")
-    return scale.tobytes() + q.tobytes()
+    out: bytes = scale.tobytes() + q.tobytes()
+    return out
 
 
 def _parse_header(view: memoryview, what: str) -> tuple[int, int, tuple[int, ...], int, int]:
@@ -279,7 +279,7 @@ def _native(arr: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
 
 def _import_torch(what: str) -> Any:
     try:
-        import torch
+        import torch  # noqa: PLC0415 - lazy: nodes that never receive torch tensors never import it
     except ImportError as exc:
         raise DecodeError(f"{what} arrived as a torch tensor but torch is not installed") from exc
     return torch
@@ -318,10 +318,7 @@ def decode_lossy(view: memoryview) -> Any:
     n = _count(shape)
     data = view[start:]
     rows, last = _rows_and_last(shape)
-    if fmt == "int8":
-        want = 4 * rows + n
-    else:
-        want = 2 * n
+    want = 4 * rows + n if fmt == "int8" else 2 * n
     if len(data) != want:
         raise DecodeError(
             f"lossy tensor: shape {list(shape)} in {fmt} needs {want} bytes, payload has {len(data)}"

@@ -86,7 +86,20 @@ def test_ids_sort_in_creation_order() -> None:
 def test_a_frame_is_plain_msgpack_that_any_decoder_reads() -> None:
     env = Envelope.new(src="device-1", dst="*", body=Heartbeat(seq=1))
     plain = msgpack.unpackb(encode(env))
-    assert list(plain) == ["v", "id", "src", "dst", "corr", "ts", "deadline", "hops", "trace", "kid", "body", "sig"]
+    assert list(plain) == [
+        "v",
+        "id",
+        "src",
+        "dst",
+        "corr",
+        "ts",
+        "deadline",
+        "hops",
+        "trace",
+        "kid",
+        "body",
+        "sig",
+    ]
     assert plain["body"] == {"kind": "heartbeat", "seq": 1, "running": 0, "queued": 0, "load": 0.0}
 
 
@@ -97,7 +110,7 @@ def _frame(**changes: object) -> bytes:
 
 
 def test_unknown_kind_is_named() -> None:
-    with pytest.raises(UnknownKindError, match="'task.teleport'"):
+    with pytest.raises(UnknownKindError, match=r"'task\.teleport'"):
         decode(_frame(body={"kind": "task.teleport"}))
 
 
@@ -127,7 +140,7 @@ def test_trailing_bytes_are_refused() -> None:
 
 def test_values_that_cannot_travel_are_refused_at_encode() -> None:
     env = Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value={"s": {1, 2}}))
-    with pytest.raises(EncodeError, match="builtins.set"):
+    with pytest.raises(EncodeError, match=r"builtins\.set"):
         encode(env)
 
 

@@ -69,7 +69,7 @@ def test_protocol_exports_exactly_its_documented_surface() -> None:
 def test_exported_classes_and_functions_present_their_public_home() -> None:
     for name in protocol.__all__:
         member = getattr(protocol, name)
-        if isinstance(member, type) or callable(member) and hasattr(member, "__code__"):
+        if isinstance(member, type) or (callable(member) and hasattr(member, "__code__")):
             assert member.__module__ == "protocol", name
 
 

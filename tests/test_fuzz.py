@@ -36,14 +36,18 @@ SMALL = encode(
     Envelope.new(
         src="edge-1",
         dst="orchestrator",
-        body=TaskProgress(job="j", task="t", attempt=0, seq=1, data={"tok": [1, 2], "h": np.ones(3, np.float32)}),
+        body=TaskProgress(
+            job="j", task="t", attempt=0, seq=1, data={"tok": [1, 2], "h": np.ones(3, np.float32)}
+        ),
     )
 )
 LARGE = encode(
     Envelope.new(
         src="edge-1",
         dst="cloud-1",
-        body=TaskResult(job="j", task="t", attempt=0, value={"x": np.arange(ZERO_COPY_MIN // 4, dtype=np.float32)}),
+        body=TaskResult(
+            job="j", task="t", attempt=0, value={"x": np.arange(ZERO_COPY_MIN // 4, dtype=np.float32)}
+        ),
     )
 )
 

@@ -17,7 +17,15 @@ def carry(value: object) -> object:
 
 
 NUMPY_DTYPES = ["float32", "float16", "int8", "uint8", "int64", "bool", "float64", "int32", "int16"]
-TORCH_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int8, torch.uint8, torch.int64, torch.bool]
+TORCH_DTYPES = [
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.int8,
+    torch.uint8,
+    torch.int64,
+    torch.bool,
+]
 
 
 @pytest.mark.parametrize("dtype", NUMPY_DTYPES)
@@ -64,7 +72,9 @@ def test_large_tensors_decode_as_views_of_the_received_frame() -> None:
 
 def test_large_torch_tensors_are_views_too() -> None:
     t = torch.randn(256, 256)
-    frame = bytearray(encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=t))))
+    frame = bytearray(
+        encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=t)))
+    )
     got = decode(frame).body.value
     frame_start = np.frombuffer(frame, np.uint8).ctypes.data
     assert frame_start <= got.data_ptr() < frame_start + len(frame)
@@ -80,7 +90,9 @@ def test_unsupported_dtypes_are_named() -> None:
 
 def test_a_tensor_whose_shape_does_not_match_its_bytes_is_refused() -> None:
     arr = np.arange(4, dtype=np.float32)
-    frame = bytearray(encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=arr))))
+    frame = bytearray(
+        encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=arr)))
+    )
     header = frame.index(bytes([1, 0, 1, 1]))  # layout 1, numpy, float32, 1 dim
     frame[header + 8] = 5  # claim 5 elements
     with pytest.raises(DecodeError, match=r"shape \[5\] of float32 needs 20 bytes, payload has 16"):
@@ -134,9 +146,13 @@ def test_lossy_float16_stays_within_its_bound_and_saturates(x: np.ndarray) -> No
 
 def test_lossy_torch_tensor_keeps_its_type_and_dtype_and_shrinks_the_frame() -> None:
     h = torch.randn(1, 16, 576)
-    exact = len(encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=h))))
+    exact = len(
+        encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=h)))
+    )
     for fmt, ratio in [("float16", 0.5), ("bfloat16", 0.5), ("int8", 0.26)]:
-        frame = encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=Lossy(h, fmt))))
+        frame = encode(
+            Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=Lossy(h, fmt)))
+        )
         assert len(frame) < exact * ratio + 300
         got = decode(frame).body.value
         assert isinstance(got, torch.Tensor) and got.dtype == torch.float32 and got.shape == h.shape
