@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, Final, Literal
 
 from pydantic import Field
 
@@ -14,7 +14,7 @@ from protocol._models import MAX_HOPS, Address, NodeId, WireId, WireModel
 __all__ = ["PROTOCOL_VERSION", "SUPPORTED_VERSIONS", "Envelope"]
 
 #: The envelope layout this code writes.
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION: Final = 1
 #: Envelope layouts this code reads.
 SUPPORTED_VERSIONS: frozenset[int] = frozenset({1})
 
@@ -30,7 +30,7 @@ class Envelope(WireModel):
     'heartbeat'
     """
 
-    v: int = Field(ge=1)
+    v: Literal[1]  # SUPPORTED_VERSIONS, spelled as a type so validation refuses other layouts
     """Envelope layout version; see `PROTOCOL_VERSION`."""
     id: WireId
     """Unique, time-sortable id; receivers drop ids they have seen (dedupe, replay defence)."""

@@ -16,7 +16,7 @@ One root, with branches by what the caller can do about the failure::
 
 Higher layers (fabric, agents) add their own branches under `FlowloomError`. Errors raised by
 libraries below us (msgpack, pydantic, numpy, torch) are translated into these in one place,
-`protocol._codec.translate_errors`, so callers never need to catch a third-party exception.
+`protocol._codec.translate_error`, so callers never need to catch a third-party exception.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -291,15 +290,13 @@ def _torch_from(data: memoryview, name: str, shape: tuple[int, ...], n: int) -> 
     if n == 0:
         return torch.empty(shape, dtype=dtype)
     itemsize = len(data) // n
-    if sys.byteorder == "big" or _address(data) % itemsize:
-        copy = bytearray(data)  # misaligned data or a big-endian host: copy, then view
+    # torch has no read-only tensors: a view over `bytes` would let in-place ops mutate them.
+    if data.readonly or sys.byteorder == "big" or _address(data) % itemsize:
+        copy = bytearray(data)  # read-only or misaligned data, or a big-endian host: copy, then view
         if sys.byteorder == "big" and itemsize > 1:
             np.frombuffer(copy, dtype=f"u{itemsize}").byteswap(inplace=True)
         return torch.frombuffer(copy, dtype=dtype, count=n).reshape(shape)
-    with warnings.catch_warnings():
-        # A tensor over a read-only frame is fine: decoded tensors are inputs, not scratch space.
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(data, dtype=dtype, count=n).reshape(shape)
+    return torch.frombuffer(data, dtype=dtype, count=n).reshape(shape)
 
 
 def _address(view: memoryview) -> int:

@@ -177,3 +177,12 @@ def test_encode_parts_does_not_copy_tensor_data() -> None:
     tensor_part = max(parts, key=lambda p: memoryview(p).nbytes)
     assert np.shares_memory(np.frombuffer(tensor_part, dtype=np.uint8), big)
     assert b"".join(parts) == encode(env)
+
+
+def test_the_envelope_model_accepts_exactly_the_supported_versions() -> None:
+    from typing import get_args
+
+    from protocol import PROTOCOL_VERSION, SUPPORTED_VERSIONS
+
+    assert set(get_args(Envelope.model_fields["v"].annotation)) == SUPPORTED_VERSIONS
+    assert PROTOCOL_VERSION in SUPPORTED_VERSIONS

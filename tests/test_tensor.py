@@ -165,3 +165,13 @@ def test_lossy_int8_refuses_non_finite_values_by_name() -> None:
         carry(Lossy(np.array([1.0, np.inf], dtype=np.float32), "int8"))
     with pytest.raises(EncodeError, match="float tensor"):
         carry(Lossy(np.arange(3), "int8"))
+
+
+def test_torch_tensors_never_write_through_to_an_immutable_frame() -> None:
+    t = torch.zeros(256, 256)
+    frame = encode(Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value=t)))
+    snapshot = bytes(frame)
+    got = decode(frame).body.value
+    got.add_(1.0)  # in-place on the decoded tensor
+    assert frame == snapshot
+    assert torch.equal(decode(frame).body.value, t)
