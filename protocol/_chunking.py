@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ __all__ = ["CHUNK_SIZE", "Reassembler", "split_blob"]
 
 #: Default chunk size: 1 MiB, so a chunk's frame stays under Mosquitto's 2 MB default packet limit.
 CHUNK_SIZE = 1 << 20
+_MAX_COMPLETED = 65536
 
 
 def _pieces(parts: Iterable[Buffer], chunk_size: int) -> Iterator[bytes]:
@@ -85,7 +87,8 @@ class Reassembler:
 
     Every chunk is checked against its checksum and against the transfer's first chunk (count,
     size, chunk length, offset); a mismatch raises `ChunkError` and leaves the transfer as it was.
-    Repeated chunks are ignored. Memory is bounded: a transfer larger than `max_transfer_bytes`,
+    Repeated chunks are ignored, also after their transfer completed (for `idle_timeout_s`), so a
+    redelivered transfer is returned once. Memory is bounded: a transfer larger than `max_transfer_bytes`,
     or one that would take the buffered total above `max_buffered_bytes`, is refused with
     `TooLargeError` while transfers already under way keep going. A partial transfer that receives
     nothing for `idle_timeout_s` is dropped (see `expire`).
@@ -104,6 +107,8 @@ class Reassembler:
         self.idle_timeout_s = idle_timeout_s
         self._clock = clock
         self._partials: dict[tuple[str, str], _Partial] = {}
+        # Transfers completed within `idle_timeout_s`: their redelivered chunks are ignored.
+        self._completed: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._buffered = 0
         self.expired = 0
         """Number of partial transfers dropped by `expire` so far."""
@@ -131,10 +136,13 @@ class Reassembler:
         if chunk.index >= chunk.count:
             raise ChunkError(f"{where}: index is not below count")
         key = (source, chunk.transfer)
+        if key in self._completed:
+            return None
         partial = self._partials.get(key)
         if partial is None:
             partial = self._start(chunk, key, where)
             if partial is None:  # a single-chunk transfer
+                self._complete(key, now)
                 return bytearray(chunk.data)
         else:
             if (chunk.count, chunk.size) != (partial.count, partial.size):
@@ -152,8 +160,14 @@ class Reassembler:
         if partial.got < partial.count:
             return None
         del self._partials[key]
-        self._buffered -= partial.size
+        self._buffered -= partial.size + partial.count
+        self._complete(key, now)
         return partial.buffer
+
+    def _complete(self, key: tuple[str, str], now: float) -> None:
+        self._completed[key] = now
+        while len(self._completed) > _MAX_COMPLETED:
+            self._completed.popitem(last=False)
 
     def _start(self, chunk: BlobChunk, key: tuple[str, str], where: str) -> _Partial | None:
         if chunk.size > self.max_transfer_bytes:
@@ -164,13 +178,15 @@ class Reassembler:
             _check_geometry(chunk, max(chunk.size, 1), where)
             return None
         if chunk.index < chunk.count - 1:
+            if not chunk.data:
+                raise ChunkError(f"{where}: only the last chunk of a transfer may be empty")
             chunk_size = len(chunk.data)
         elif chunk.offset % chunk.index == 0:
             chunk_size = chunk.offset // chunk.index
         else:
             raise ChunkError(f"{where}: offset {chunk.offset} is not a multiple of index {chunk.index}")
         _check_geometry(chunk, chunk_size, where)
-        if self._buffered + chunk.size > self.max_buffered_bytes:
+        if self._buffered + chunk.size + chunk.count > self.max_buffered_bytes:
             raise TooLargeError(
                 f"{where}: reassembly buffers hold {self._buffered} bytes; {chunk.size} more would "
                 f"exceed the limit of {self.max_buffered_bytes}"
@@ -183,7 +199,7 @@ class Reassembler:
             received=bytearray(chunk.count),
         )
         self._partials[key] = partial
-        self._buffered += chunk.size
+        self._buffered += chunk.size + chunk.count  # the payload and its one-byte-per-chunk map
         return partial
 
     def expire(self, now: float | None = None) -> list[str]:
@@ -191,18 +207,22 @@ class Reassembler:
         now = self._clock() if now is None else now
         stale = [k for k, p in self._partials.items() if now - p.last_seen > self.idle_timeout_s]
         for key in stale:
-            self._buffered -= self._partials.pop(key).size
+            partial = self._partials.pop(key)
+            self._buffered -= partial.size + partial.count
         self.expired += len(stale)
+        while self._completed and now - next(iter(self._completed.values())) > self.idle_timeout_s:
+            self._completed.popitem(last=False)
         return [transfer for _, transfer in stale]
 
 
 def _check_geometry(chunk: BlobChunk, chunk_size: int, where: str) -> None:
     """A chunk must sit exactly where `chunk_size` puts it and be exactly as long as it says."""
+    if chunk_size < 1:
+        raise ChunkError(f"{where}: chunk size cannot be inferred from an empty chunk")
     expected_count = max(1, -(-chunk.size // chunk_size))
     expected_len = chunk_size if chunk.index < chunk.count - 1 else chunk.size - chunk.offset
     if (
-        chunk_size < 1
-        or chunk.count != expected_count
+        chunk.count != expected_count
         or chunk.offset != chunk.index * chunk_size
         or len(chunk.data) != expected_len
     ):

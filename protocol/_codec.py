@@ -9,6 +9,7 @@ which returns tensors as views on the input buffer.
 
 from __future__ import annotations
 
+import reprlib
 import struct
 from typing import Any, Final
 
@@ -46,6 +47,9 @@ DEFAULT_MAX_FRAME: Final = 512 << 20
 #: Frames of at least this many bytes are decoded without copying their tensors.
 ZERO_COPY_MIN: Final = 64 << 10
 _MAX_DEPTH: Final = 64  # nesting of maps and arrays; see docs/protocol.md "Limits"
+#: Most values (scalars and containers, not counting tensor or bin bytes) one frame may hold: a
+#: bound on the memory and time a hostile frame can cost. Bulk data belongs in tensors and bins.
+MAX_VALUES: Final = 1 << 18
 _SIG_NIL: Final = b"\xa3sig\xc0"
 
 
@@ -88,7 +92,7 @@ def encode_parts(envelope: Envelope, *, signer: Signer | None = None) -> list[Bu
             parts = writer.finish()
     except ProtocolError:
         raise
-    except (TypeError, ValueError, OverflowError) as exc:
+    except Exception as exc:  # msgpack, numpy or torch (sparse, meta tensors): one error type out
         raise EncodeError(f"cannot encode envelope of kind {envelope.kind!r}: {exc}") from exc
     if signer is not None:
         last = memoryview(parts[-1])
@@ -109,12 +113,14 @@ def decode(
     data: Buffer,
     *,
     verifier: Verifier | None = None,
+    fresh: bool = True,
     max_size: int = DEFAULT_MAX_FRAME,
 ) -> Envelope:
     """Decode one frame into a validated `Envelope`.
 
     Raises only `ProtocolError` subclasses, whatever the bytes. With `verifier`, the envelope must
-    also be signed by a known key, fresh, and not seen before.
+    also be signed by a known key, fresh, and not seen before; ``fresh=False`` checks only the
+    signature (for frames that are old by design, such as retained presence).
 
     Tensors in frames of at least `ZERO_COPY_MIN` bytes are views on `data`, so do not reuse or
     modify `data` while they are in use. Numpy arrays over `bytes` are read-only; torch has no
@@ -138,7 +144,7 @@ def decode(
             raise
         raise error from (None if isinstance(exc, ValidationError) else exc)
     if verifier is not None:
-        verifier.check(envelope, view)
+        verifier.check(envelope, view, fresh=fresh)
     return envelope
 
 
@@ -172,12 +178,19 @@ def _diagnose(obj: object) -> None:
             raise UnknownKindError(kind)
 
 
+def _short(value: object) -> str:
+    """A bounded repr: never formats more of a huge hostile value than it shows."""
+    if isinstance(value, (str, bytes)):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    return reprlib.repr(value)
+
+
 def describe_validation_error(exc: ValidationError, what: str = "envelope") -> str:
     """One line naming each invalid field by its dotted path (at most five)."""
     items = []
     for err in exc.errors()[:5]:
         path = ".".join(_wire_path(err["loc"])) or "(root)"
-        items.append(f"{path}: {err['msg']} (got {err.get('input')!r:.40})")
+        items.append(f"{path}: {err['msg']} (got {_short(err.get('input'))})")
     more = exc.error_count() - len(items)
     return f"invalid {what}: " + "; ".join(items) + (f"; and {more} more" if more > 0 else "")
 
@@ -322,6 +335,7 @@ class _FrameReader:
     def __init__(self, view: memoryview) -> None:
         self._view = view
         self._pos = 0
+        self._budget = MAX_VALUES
 
     def read_frame(self) -> object:
         obj = self._read(0)
@@ -342,6 +356,9 @@ class _FrameReader:
     def _read(self, depth: int) -> object:
         if depth > _MAX_DEPTH:
             raise DecodeError(f"frame nests deeper than {_MAX_DEPTH} levels")
+        self._budget -= 1
+        if self._budget < 0:
+            raise DecodeError(f"frame holds more than {MAX_VALUES} values; send bulk data as tensors or bins")
         marker = self._take(1)[0]
         if marker <= 0x7F:
             return marker

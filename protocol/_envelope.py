@@ -44,7 +44,7 @@ class Envelope(WireModel):
     """Sender wall-clock time, Unix seconds."""
     deadline: float | None = Field(default=None, gt=0)
     """Unix seconds after which the message is useless and may be dropped unanswered."""
-    hops: list[NodeId] = Field(default=[], max_length=MAX_HOPS)
+    hops: list[NodeId] = Field(default_factory=list, max_length=MAX_HOPS)
     """Relays the envelope has passed through, in order."""
     trace: str | None = Field(default=None, max_length=64)
     """Trace id shared by every envelope of one job or request, for tracing tools."""

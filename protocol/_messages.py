@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, get_args
+from typing import Annotated, Literal, get_args
 
 from pydantic import Field
 
 from protocol._models import Address, NodeId, ShortText, TaskId, WireId, WireModel
+from protocol._values import WireValue
 
 __all__ = [
     "MESSAGE_KINDS",
@@ -51,11 +52,11 @@ class Capabilities(WireModel):
     """CPU cores the node offers to tasks."""
     memory_mb: int = Field(ge=0)
     """Memory the node offers to tasks, in MiB."""
-    accelerators: list[str] = []
+    accelerators: list[str] = Field(default_factory=list)
     """Accelerator names, e.g. ``["cuda:0"]``; empty on CPU-only nodes."""
-    task_kinds: list[str] = []
+    task_kinds: list[str] = Field(default_factory=list)
     """Task kinds the node has executors for."""
-    models: list[str] = []
+    models: list[str] = Field(default_factory=list)
     """Model names the node can load."""
     segment: str = "default"
     """The network segment (on MQTT: the broker) the node is joined to."""
@@ -63,7 +64,7 @@ class Capabilities(WireModel):
     """``public``: reachable from other segments; ``nat``: dials out only."""
     relay: bool = False
     """True when the node forwards envelopes between the segments it joins."""
-    labels: dict[str, str] = {}
+    labels: dict[str, str] = Field(default_factory=dict)
     """Free key/value labels that placement constraints can match."""
 
 
@@ -118,7 +119,7 @@ class Resources(WireModel):
     """CPU cores the task occupies."""
     memory_mb: int = Field(default=0, ge=0)
     """Memory the task needs, in MiB."""
-    accelerators: list[str] = []
+    accelerators: list[str] = Field(default_factory=list)
     """Accelerator kinds the task needs, e.g. ``["cuda"]``."""
 
 
@@ -129,7 +130,7 @@ class Placement(WireModel):
     """Only nodes of this tier."""
     node: NodeId | None = None
     """Only this node."""
-    labels: dict[str, str] = {}
+    labels: dict[str, str] = Field(default_factory=dict)
     """Only nodes carrying all of these labels."""
 
 
@@ -140,13 +141,13 @@ class TaskSpec(WireModel):
     """Unique within the job."""
     kind: str = Field(min_length=1, max_length=128)
     """The task kind; a node runs it with the executor registered for that kind."""
-    params: dict[str, Any] = {}
+    params: dict[str, WireValue] = Field(default_factory=dict)
     """Parameters passed to the executor as they are."""
-    inputs: dict[str, TaskId] = {}
+    inputs: dict[str, TaskId] = Field(default_factory=dict)
     """Input name -> id of the upstream task whose result fills it; each is also a graph edge."""
-    needs: Resources = Resources()
+    needs: Resources = Field(default_factory=Resources)
     """Resources the task occupies while it runs."""
-    placement: Placement = Placement()
+    placement: Placement = Field(default_factory=Placement)
     """Constraints on the node that may run the task."""
     retries: int = Field(default=0, ge=0, le=100)
     """How many times a failed attempt is retried."""
@@ -160,7 +161,7 @@ class AddTask(WireModel):
     op: Literal["add_task"] = "add_task"
     task: TaskSpec
     """The new task."""
-    after: list[TaskId] = []
+    after: list[TaskId] = Field(default_factory=list)
     """Tasks that must finish before this one starts."""
 
 
@@ -198,7 +199,7 @@ class UpdateTask(WireModel):
     op: Literal["update_task"] = "update_task"
     task: TaskId
     """The task to change."""
-    params: dict[str, Any] | None = None
+    params: dict[str, WireValue] | None = None
     """New parameters, replacing the old ones whole."""
     placement: Placement | None = None
     """New placement constraints."""
@@ -224,9 +225,9 @@ class TaskAssign(WireModel):
     """Attempt number, from 0; results of other attempts are told apart by it."""
     task_kind: str = Field(min_length=1, max_length=128)
     """The executor kind to run."""
-    params: dict[str, Any] = {}
+    params: dict[str, WireValue] = Field(default_factory=dict)
     """Executor parameters."""
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, WireValue] = Field(default_factory=dict)
     """Input name -> the upstream result value."""
     timeout_s: float | None = Field(default=None, gt=0)
     """Seconds the attempt may run."""
@@ -260,7 +261,7 @@ class TaskProgress(WireModel):
     """Share of the work done, when the executor knows it."""
     message: ShortText = ""
     """A line for people."""
-    data: Any = None
+    data: WireValue = None
     """Streamed partial output (e.g. generated tokens); any encodable value."""
 
 
@@ -274,11 +275,11 @@ class TaskResult(WireModel):
     """The finished task."""
     attempt: int = Field(ge=0)
     """The finished attempt."""
-    value: Any = None
+    value: WireValue = None
     """The result; downstream tasks receive it as an input."""
-    patch: list[PatchOp] = []
+    patch: list[PatchOp] = Field(default_factory=list)
     """Graph edits the task asks for (dynamic expansion, escalation), applied atomically."""
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = Field(default_factory=dict)
     """Figures measured by the executor, e.g. ``{"compute_s": 0.12}``."""
 
 

@@ -62,9 +62,9 @@ class Verifier:
 
     An envelope passes when it is signed by a known key, its timestamp is within `max_skew_s` of
     this clock, and its id has not been accepted before. Remembered ids are bounded by
-    `replay_capacity`: ids whose timestamp is older than the skew window are forgotten (they fail
-    the skew check anyway), and when the cache is still full the oldest id is forgotten and every
-    timestamp at or below its own is refused from then on, so no replay can slip through.
+    `replay_capacity`. An id is forgotten when its timestamp falls out of the skew window, or,
+    when the cache is full, oldest first; either way every timestamp at or below the forgotten
+    one's is refused from then on, so no replay slips through, even if the wall clock steps back.
     """
 
     def __init__(
@@ -86,8 +86,12 @@ class Verifier:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._floor = 0.0
 
-    def check(self, envelope: Envelope, frame: Buffer) -> None:
-        """Raise `BadSignatureError`, `StaleError` or `ReplayError`, or remember the id and return."""
+    def check(self, envelope: Envelope, frame: Buffer, *, fresh: bool = True) -> None:
+        """Raise `BadSignatureError`, `StaleError` or `ReplayError`, or remember the id and return.
+
+        With ``fresh=False`` only the signature is checked: for frames that are old by design,
+        such as retained presence announcements.
+        """
         who = f"envelope {envelope.id} from {envelope.src!r}"
         if envelope.sig is None or envelope.kid is None:
             raise BadSignatureError(f"{who} is unsigned; this fabric requires signatures")
@@ -101,6 +105,8 @@ class Verifier:
         expected = hmac.new(key, view[: end - 2], hashlib.sha256).digest()
         if not hmac.compare_digest(expected, envelope.sig):
             raise BadSignatureError(f"{who}: signature does not match key {envelope.kid!r}")
+        if not fresh:
+            return
         now = self._clock()
         age = now - envelope.ts
         if abs(age) > self.max_skew_s:
@@ -121,6 +127,8 @@ class Verifier:
             oldest_id, oldest_ts = next(iter(seen.items()))
             if oldest_ts < horizon:
                 del seen[oldest_id]
+                # Refused anyway while the clock moves forward; this also holds if it steps back.
+                self._floor = max(self._floor, oldest_ts)
             elif len(seen) > self.replay_capacity:
                 del seen[oldest_id]
                 self._floor = max(self._floor, oldest_ts)

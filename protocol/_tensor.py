@@ -79,7 +79,8 @@ class Lossy:
 
     Decoding returns a tensor of the original dtype and shape.
 
-    Error bounds, per element x, for finite inputs:
+    Error bounds, per element x, for finite float32 inputs (a float64 input is first rounded to
+    float32, adding at most ``2**-24 * |x|``):
 
     - ``float16``: ``|x' - x| <= 2**-11 * |x|`` when ``2**-14 <= |x| <= 65504``; ``<= 2**-25``
       below that; values beyond +-65504 saturate to +-65504 (never inf).
@@ -116,8 +117,8 @@ def _torch() -> Any:
 
 
 def is_tensor(obj: object) -> bool:
-    """True for numpy arrays and, when torch is imported, torch tensors."""
-    if isinstance(obj, np.ndarray):
+    """True for numpy arrays and scalars (sent as 0-d arrays) and, when torch is imported, torch tensors."""
+    if isinstance(obj, (np.ndarray, np.generic)):
         return True
     torch = _torch()
     return torch is not None and isinstance(obj, torch.Tensor)
@@ -175,7 +176,7 @@ def lossy_parts(value: Lossy) -> TensorParts:
         raise EncodeError(f"lossy format {value.format} needs a float tensor, not {name}")
     x = _to_float32(arr, name).reshape(-1)  # flat: numpy turns 0-d results into scalars
     if value.format == "float16":
-        body = _raw(np.clip(x, -_FP16_MAX, _FP16_MAX).astype("<f2"))
+        body = _raw(_saturate(x, _FP16_MAX).astype("<f2"))
     elif value.format == "bfloat16":
         body = _raw(_float32_to_bf16_bits(x))
     else:
@@ -184,9 +185,28 @@ def lossy_parts(value: Lossy) -> TensorParts:
     return TensorParts(LOSSY_EXT, head, body)
 
 
+_LIMITS = {  # largest finite value of each float dtype a lossy tensor may come back as
+    "float16": 65504.0,
+    "bfloat16": 3.3895313892515355e38,
+    "float32": float(np.finfo(np.float32).max),
+    "float64": float(np.finfo(np.float32).max),  # lossy values pass through float32
+}
+
+
+def _saturate(x: np.ndarray[Any, Any], limit: float) -> np.ndarray[Any, Any]:
+    """Clip finite values to +-limit; inf and NaN stay as they are."""
+    clipped: np.ndarray[Any, Any] = np.asarray(np.clip(x, -limit, limit))  # np.clip returns a scalar for 0-d
+    special = ~np.isfinite(x)
+    if special.any():
+        clipped[special] = x[special]
+    return clipped
+
+
 def _to_float32(arr: np.ndarray[Any, Any], name: str) -> np.ndarray[Any, Any]:
     if name == "bfloat16":
         return _bf16_bits_to_float32(arr.view("<u2"))
+    if name == "float64":  # a finite float64 beyond float32's range saturates instead of becoming inf
+        return _saturate(arr, _LIMITS["float32"]).astype("<f4")
     return arr.astype("<f4", copy=False)
 
 
@@ -240,6 +260,8 @@ def _parse_header(view: memoryview, what: str) -> tuple[int, int, tuple[int, ...
     if len(view) < start:
         raise DecodeError(f"{what}: header declares {ndim} dims but the payload is {len(view)} bytes")
     shape = struct.unpack_from(f"<{ndim}Q", view, _FIXED.size)
+    if pad and any(view[start - pad : start]):
+        raise DecodeError(f"{what}: pad bytes must be zero")
     return flags, code, shape, start, extra
 
 
@@ -262,6 +284,8 @@ def decode_tensor(view: memoryview) -> Any:
         raise DecodeError(
             f"tensor: shape {list(shape)} of {name} needs {n * itemsize} bytes, payload has {len(data)}"
         )
+    if name == "bool" and n and np.frombuffer(data, np.uint8).max() > 1:
+        raise DecodeError("tensor: bool values must be bytes 0 or 1")
     if flags & _TORCH_FLAG or np_dtype is None:
         return _torch_from(data, name, shape, n)
     arr: np.ndarray[Any, Any] = np.frombuffer(data, dtype=np_dtype, count=n)
@@ -320,23 +344,23 @@ def decode_lossy(view: memoryview) -> Any:
         raise DecodeError(
             f"lossy tensor: shape {list(shape)} in {fmt} needs {want} bytes, payload has {len(data)}"
         )
-    raw = bytes(data)
     if fmt == "float16":
-        x = np.frombuffer(raw, "<f2").astype(np.float32)
+        x = np.frombuffer(data, "<f2").astype(np.float32)
     elif fmt == "bfloat16":
-        x = _bf16_bits_to_float32(np.frombuffer(raw, "<u2"))
+        x = _bf16_bits_to_float32(np.frombuffer(data, "<u2"))
     else:
-        scale = np.frombuffer(raw, "<f4", count=rows)
-        q = np.frombuffer(raw, "i1", offset=4 * rows).reshape(rows, last)
-        # float64 so that q * scale near float32's largest value rounds back to it, not to inf
-        f32_max = float(np.finfo(np.float32).max)
-        x = np.clip(q * scale.astype(np.float64)[:, None], -f32_max, f32_max).astype(np.float32).reshape(-1)
+        scale = np.frombuffer(data, "<f4", count=rows)
+        q = np.frombuffer(data, "i1", offset=4 * rows).reshape(rows, last)
+        # 127 * scale can round just past float32's largest value: saturate, the input was finite
+        with np.errstate(over="ignore"):  # the input was finite: an overflow saturates
+            x = np.clip(q.astype(np.float32) * scale[:, None], -_LIMITS["float32"], _LIMITS["float32"])
     x = x.reshape(shape)
     return _restore(x, name, bool(flags & _TORCH_FLAG))
 
 
 def _restore(x: np.ndarray[Any, Any], name: str, as_torch: bool) -> Any:
+    x = _saturate(x, _LIMITS[name])  # e.g. a float16 65504 sent as bfloat16 comes back as 65536
     if as_torch or name == "bfloat16":
         torch = _import_torch(f"a lossy {name} tensor")
-        return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).to(getattr(torch, name))
-    return x.astype(name)
+        return torch.from_numpy(np.array(x, dtype=np.float32)).to(getattr(torch, name))
+    return np.asarray(x.astype(name))

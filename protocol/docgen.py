@@ -15,7 +15,7 @@ from pydantic import BaseModel
 
 from protocol._chunking import CHUNK_SIZE
 from protocol._codec import _MAX_DEPTH as MAX_DEPTH
-from protocol._codec import DEFAULT_MAX_FRAME, encode
+from protocol._codec import DEFAULT_MAX_FRAME, MAX_VALUES, encode
 from protocol._envelope import PROTOCOL_VERSION, Envelope
 from protocol._errors import __doc__ as errors_doc
 from protocol._messages import Body, Capabilities, Heartbeat, PatchOp, Placement, Resources, TaskSpec
@@ -23,6 +23,7 @@ from protocol._models import MAX_HOPS
 from protocol._signing import Signer
 from protocol._tensor import DTYPES, LOSSY_EXT, MAX_NDIM, TENSOR_EXT, Lossy
 from protocol._tensor import __doc__ as tensor_doc
+from protocol._values import MAX_VALUE_DEPTH
 
 __all__ = ["render"]
 
@@ -36,7 +37,7 @@ def _type(prop: dict[str, Any]) -> str:
     if "oneOf" in prop:
         return "one of " + ", ".join(_type(p) for p in prop["oneOf"])
     if "const" in prop:
-        return f'`"{prop["const"]}"`'
+        return f"`{json.dumps(prop['const'])}`"
     if "enum" in prop:
         return "one of " + ", ".join(f'`"{v}"`' for v in prop["enum"])
     kind = prop.get("type")
@@ -79,7 +80,11 @@ def _field_table(model: type[BaseModel]) -> str:
     required = set(schema.get("required", [])) | ({"kind", "op"} & set(schema["properties"]))
     rows = ["| field | type | required | default | meaning |", "|---|---|---|---|---|"]
     for name, prop in schema["properties"].items():
-        default = "" if name in required else f"`{json.dumps(prop.get('default'))}`"
+        field = model.model_fields[name]
+        value = prop.get("default", field.get_default(call_default_factory=True))
+        if isinstance(value, BaseModel):
+            value = value.model_dump()
+        default = "" if name in required else f"`{json.dumps(value)}`"
         desc = " ".join(prop.get("description", "").split()).replace("|", "\\|")
         kind = _type(prop).replace("|", "\\|")
         rows.append(f"| `{name}` | {kind} | {'yes' if name in required else 'no'} | {default} | {desc} |")
@@ -89,7 +94,8 @@ def _field_table(model: type[BaseModel]) -> str:
 def _section(model: type[BaseModel], level: str = "###") -> str:
     doc = " ".join((model.__doc__ or "").split(">>>")[0].split())
     kind = model.model_fields.get("kind")
-    title = f"`{kind.default}`: {model.__name__}" if kind is not None else model.__name__
+    is_message = kind is not None and isinstance(kind.default, str)
+    title = f"`{kind.default}`: {model.__name__}" if kind is not None and is_message else model.__name__
     anchor = f'<a id="{model.__name__.lower()}"></a>'
     return f"{anchor}\n{level} {title}\n\n{doc}\n\n{_field_table(model)}\n"
 
@@ -105,7 +111,7 @@ def _example_frame() -> tuple[str, str]:
     )
     frame = encode(env, signer=Signer("k1", bytes(range(32))))
     lines = [frame[i : i + 16].hex(" ") for i in range(0, len(frame), 16)]
-    return env.model_dump_json(), "\n".join(lines)
+    return env.model_copy(update={"kid": "k1"}).model_dump_json(exclude={"sig"}), "\n".join(lines)
 
 
 def render() -> str:
@@ -135,7 +141,11 @@ def render() -> str:
         "floats are float64. Nothing may follow the map. Frames larger than "
         f"{DEFAULT_MAX_FRAME} bytes are refused by default. Validation is strict: no field is "
         "coerced from another type (an integer is accepted where a float is expected), unknown "
-        "fields are refused, floats must be finite.",
+        "fields are refused, typed float fields must be finite. Fields typed `any value` carry a "
+        "*wire value*: nil, bool, int, float (NaN and inf allowed), str, bin, an array of wire values, "
+        "a map with string keys, or a tensor (below); nested at most "
+        f"{MAX_VALUE_DEPTH} levels. msgpack ext types other than {TENSOR_EXT} and {LOSSY_EXT} (the "
+        "timestamp ext -1 included) are refused.",
         "",
         _section(Envelope, "###"),
         f"Destinations (`dst`): a node id, `group:<name>`, or `*` for every node. At most {MAX_HOPS} hops.",
@@ -156,11 +166,12 @@ def render() -> str:
         "    MAC = HMAC-SHA256(key[kid], frame[0 : len(frame) - 34])",
         "",
         'that is, every byte up to and including the key `"sig"` (`a3 73 69 67`). A receiver checks, in '
-        "order: the frame ends in `a3 73 69 67 c4 20` + 32 bytes; the key id is known; the MAC matches "
-        "(constant-time compare); `|now - ts|` is within the accepted skew (default 30 s); the `id` "
-        "has not been accepted before. Replay memory is bounded: ids older than the skew window are "
-        "forgotten, and when the cache is full the oldest id is forgotten and every timestamp at or "
-        "below its own is refused from then on.",
+        "order: `kid` and `sig` are set; the key id is known; the frame ends in `a3 73 69 67 c4 20` + "
+        "32 bytes; the MAC matches (constant-time compare); `|now - ts|` is within the accepted skew "
+        "(default 30 s); the `id` has not been accepted before. Replay memory is bounded: an id is "
+        "forgotten when it falls out of the skew window or, when the cache is full, oldest first; "
+        "either way every timestamp at or "
+        "below the forgotten one's is refused from then on.",
         "",
         "### A worked example",
         "",
@@ -170,7 +181,7 @@ def render() -> str:
         example_json,
         "```",
         "",
-        "signed with key id `k1` and the 32-byte key `00 01 02 ... 1f` is this frame (hex):",
+        "signed with the 32-byte key `00 01 02 ... 1f` (its `sig` is the MAC) is this frame (hex):",
         "",
         "```",
         example_hex,
@@ -195,7 +206,9 @@ def render() -> str:
         f"msgpack ext type {TENSOR_EXT}; lossy-compressed float tensors as ext type {LOSSY_EXT}. "
         "Encoders in this codebase always write ext32 (`c9`, uint32 big-endian length, int8 type). "
         "Data are C-contiguous and little-endian; decoders return views on the received frame "
-        "when the data are aligned (the encoder pads so they start 16-byte aligned in the frame).",
+        "when the data are aligned (the encoder pads so they start 16-byte aligned in the frame). "
+        "Decoders refuse non-zero pad or reserved bytes, bool elements other than 0 and 1, and data "
+        "whose length differs from `prod(dims) * itemsize`.",
         "",
         "```",
         "Tensor ext (type 1)::" + (tensor_doc or "").split("Tensor ext (type 1)::")[1].rstrip(),
@@ -227,16 +240,35 @@ def render() -> str:
         "the rest; `count = ceil(size / chunk_size)` (1 for an empty payload). `crc32` is zlib's CRC-32 "
         "of `data`. A receiver refuses a chunk whose checksum, count, size, offset or length disagrees "
         "with the transfer, ignores repeated chunks, bounds the bytes it buffers, and drops a partial "
-        "transfer that stays idle past its timeout (default 30 s). The reassembled payload is usually "
-        "itself a frame.",
+        "transfer that stays idle past its timeout (default 30 s), and ignores chunks of a transfer it "
+        "completed within that time. The reassembled payload is a frame: decode it like any other "
+        "(its signature and freshness are checked as usual) and refuse it unless its `src` is the "
+        "chunks' `src`. On a fabric that signs, chunk envelopes are signed like any other. Senders "
+        "chunk every envelope whose frame exceeds the chunk size by more than 4096 bytes.",
         "",
         "## Limits",
         "",
         f"- A frame: {DEFAULT_MAX_FRAME} bytes unless the receiver sets another limit.",
-        f"- Hops: {MAX_HOPS}. Tensor dims: {MAX_NDIM}. Nesting of maps and arrays: {MAX_DEPTH} levels "
-        "(the decoder for large frames enforces it; keep every frame within it).",
+        f"- Hops: {MAX_HOPS}. Tensor dims: {MAX_NDIM}.",
+        f"- Nesting: {MAX_VALUE_DEPTH} levels inside an `any value` field, checked by the models "
+        f"whichever way a frame was read; a frame nesting deeper than {MAX_DEPTH} levels is refused.",
+        f"- Values: at most {MAX_VALUES} scalars and containers in one frame (tensor and bin bytes do not "
+        "count); send bulk data as tensors or bins.",
         "- Strings: the patterns in the tables; free text at most 4096 characters.",
         "- Map keys are strings.",
+        "",
+        "## Which error code to answer with",
+        "",
+        "| refused because | `error.code` |",
+        "|---|---|",
+        "| malformed bytes, an invalid field or tensor, a chunk that does not fit its transfer | `decode` |",
+        "| an unknown body kind | `unknown_kind` |",
+        "| an unsupported `v`, or no common version in `hello` | `version_mismatch` |",
+        "| a frame or transfer above the limit | `too_large` |",
+        "| unsigned, unknown key id, or wrong MAC | `bad_signature` |",
+        "| a replayed id, or a timestamp outside the skew | `replay` |",
+        "",
+        "A receiver may also stay silent: answering every bad frame would let anyone make it talk.",
         "",
         "## Errors",
         "",

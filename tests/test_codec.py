@@ -6,6 +6,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
+from pydantic import ValidationError
 
 from protocol import (
     MESSAGE_KINDS,
@@ -138,8 +139,21 @@ def test_trailing_bytes_are_refused() -> None:
         decode(_frame() + b"\x00")
 
 
-def test_values_that_cannot_travel_are_refused_at_encode() -> None:
-    env = Envelope.new(src="a", dst="b", body=TaskResult(job="j", task="t", attempt=0, value={"s": {1, 2}}))
+def test_values_that_cannot_travel_are_refused_when_the_message_is_built() -> None:
+    with pytest.raises(ValidationError, match=r"s: a builtins\.set cannot travel on the wire"):
+        TaskResult(job="j", task="t", attempt=0, value={"s": {1, 2}})
+    with pytest.raises(ValidationError, match=r"map key 1 is not a string"):
+        TaskProgress(job="j", task="t", attempt=0, seq=0, data={1: "x"})
+    deep: object = 0
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(ValidationError, match="nests deeper than 32 levels"):
+        TaskResult(job="j", task="t", attempt=0, value=deep)
+
+
+def test_a_value_that_slipped_past_validation_is_still_refused_at_encode() -> None:
+    body = TaskResult.model_construct(job="j", task="t", attempt=0, value={"s": {1, 2}}, patch=[], metrics={})
+    env = Envelope.model_construct(v=1, id=new_id(), src="a", dst="b", ts=1.0, hops=[], body=body)
     with pytest.raises(EncodeError, match=r"builtins\.set"):
         encode(env)
 

@@ -175,3 +175,9 @@ def test_torch_tensors_never_write_through_to_an_immutable_frame() -> None:
     got.add_(1.0)  # in-place on the decoded tensor
     assert frame == snapshot
     assert torch.equal(decode(frame).body.value, t)
+
+
+def test_numpy_scalars_travel_as_0d_arrays() -> None:
+    got = carry({"mean": np.float32(1.5), "n": np.int64(7)})
+    assert got["mean"].shape == () and got["mean"].dtype == np.float32 and got["mean"] == 1.5
+    assert got["n"].dtype == np.int64 and got["n"] == 7
