@@ -1,0 +1,504 @@
+"""A node's handle on the fabric: typed envelopes over any transport.
+
+Everything above the transport seam lives here, so both transports behave identically:
+request/reply with deadlines, streamed replies, broadcast, presence and failure detection,
+dedupe of redelivered ids, transparent chunking of large envelopes, and link emulation.
+
+Queues and their overflow policy:
+
+- inbox (`inbox_size` envelopes): when full, the endpoint stops taking frames from the transport,
+  which stops reading from its connection, so senders and the broker hold the rest
+  (backpressure; nothing is dropped).
+- replies of one request or stream (`inbox_size`): the same backpressure.
+- dedupe memory (`dedupe_size` ids): the oldest ids are forgotten first.
+- reassembly: bounded by the `Reassembler`'s byte limits; a transfer that would exceed them is
+  refused and counted in `stats.blob_errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable
+from fabric._links import LinkTable
+from fabric._peers import PeerEvent, PeerTable
+from fabric._transports.base import PresenceEvent, Transport
+from protocol import (
+    CHUNK_SIZE,
+    DEFAULT_MAX_FRAME,
+    SUPPORTED_VERSIONS,
+    BlobChunk,
+    Bye,
+    Capabilities,
+    Envelope,
+    Heartbeat,
+    Hello,
+    ProtocolError,
+    Reassembler,
+    Signer,
+    Verifier,
+    decode,
+    encode,
+    encode_parts,
+    split_blob,
+)
+
+__all__ = ["TERMINAL_KINDS", "Endpoint", "EndpointStats"]
+
+log = logging.getLogger("fabric.endpoint")
+
+TERMINAL_KINDS = frozenset({"task.result", "task.failed", "error"})
+"""Kinds that end a stream of replies."""
+
+_FRAME_SLACK = 4096  # an envelope whose frame is at most chunk_size + this travels unchunked
+
+
+@dataclass
+class EndpointStats:
+    """Counters of one endpoint, for reports and tests."""
+
+    sent: int = 0
+    received: int = 0
+    duplicates: int = 0
+    malformed: int = 0
+    expired: int = 0
+    blobs_sent: int = 0
+    blobs_received: int = 0
+    chunks_sent: int = 0
+    blob_errors: int = 0
+
+
+class _Failed:
+    """Queue marker: the pending stream failed; see `_Stream.error`."""
+
+
+_FAILED = _Failed()
+
+
+class _Request:
+    """The one reply awaited for a request id (later replies to it go to the inbox)."""
+
+    def __init__(self, dst: str) -> None:
+        self.dst = dst
+        self.future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
+
+    async def put(self, env: Envelope) -> bool:
+        if self.future.done():
+            return False
+        self.future.set_result(env)
+        return True
+
+    def fail(self, error: FabricError) -> None:
+        if not self.future.done():
+            self.future.set_exception(error)
+
+    async def next(self) -> Envelope:
+        return await self.future
+
+
+class _Stream:
+    """Replies awaited for one streamed request id, in order, bounded (backpressure when full)."""
+
+    def __init__(self, dst: str, size: int) -> None:
+        self.dst = dst
+        self.queue: asyncio.Queue[Envelope | _Failed] = asyncio.Queue(size)
+        self.error: FabricError | None = None
+
+    async def put(self, env: Envelope) -> bool:
+        await self.queue.put(env)
+        return True
+
+    def fail(self, error: FabricError) -> None:
+        self.error = error
+        # When the queue is full nobody is waiting on it: the reader drains it and then sees `error`.
+        with contextlib.suppress(asyncio.QueueFull):
+            self.queue.put_nowait(_FAILED)
+
+    async def next(self) -> Envelope:
+        if self.error is not None and self.queue.empty():
+            raise self.error
+        item = await self.queue.get()
+        if isinstance(item, _Failed):
+            assert self.error is not None
+            raise self.error
+        return item
+
+
+class _Dedupe:
+    def __init__(self, size: int) -> None:
+        self._ids: OrderedDict[str, None] = OrderedDict()
+        self._size = size
+
+    def seen(self, envelope_id: str) -> bool:
+        """True if the id was seen before; otherwise remember it."""
+        if envelope_id in self._ids:
+            return True
+        self._ids[envelope_id] = None
+        if len(self._ids) > self._size:
+            self._ids.popitem(last=False)
+        return False
+
+
+class Endpoint:
+    """A node on the fabric: send, request, stream, broadcast, receive; know who is alive.
+
+    >>> async with Endpoint("edge-1", hub.transport("edge-1")) as ep:  # doctest: +SKIP
+    ...     reply = await ep.request("cloud-1", TaskCancel(job="j", task="t"), timeout=2.0)
+
+    Lifecycle: new -> running (`start` or ``async with``) -> closed (`close`, `crash`).
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        transport: Transport,
+        *,
+        capabilities: Capabilities | None = None,
+        groups: Sequence[str] = (),
+        signer: Signer | None = None,
+        verifier: Verifier | None = None,
+        heartbeat_s: float = 1.0,
+        dead_after_s: float | None = None,
+        inbox_size: int = 1024,
+        links: LinkTable | None = None,
+        chunk_size: int = CHUNK_SIZE,
+        max_frame: int = DEFAULT_MAX_FRAME,
+        dedupe_size: int = 100_000,
+        reassembler: Reassembler | None = None,
+        heartbeat: Callable[[int], Heartbeat] | None = None,
+    ) -> None:
+        if heartbeat_s <= 0:
+            raise ValueError("heartbeat_s must be > 0")
+        self.node_id = node_id
+        self.transport = transport
+        self.capabilities = capabilities
+        self.groups = list(groups)
+        self.links = links
+        self.stats = EndpointStats()
+        self.heartbeat_s = heartbeat_s
+        self.peers = PeerTable(self._on_peer_event, dead_after_s=dead_after_s or 3 * heartbeat_s)
+        self._signer = signer
+        self._verifier = verifier
+        self._inbox_size = inbox_size
+        self._inbox: asyncio.Queue[Envelope] = asyncio.Queue(inbox_size)
+        self._pending: dict[str, _Request | _Stream] = {}
+        self._dedupe = _Dedupe(dedupe_size)
+        self._reassembler = reassembler or Reassembler()
+        self._chunk_size = chunk_size
+        self._max_frame = max_frame
+        self._make_heartbeat = heartbeat or (lambda seq: Heartbeat(seq=seq))
+        self._listeners: list[Callable[[PeerEvent], None]] = []
+        self._state: Literal["new", "running", "closed"] = "new"
+        self._tg: asyncio.TaskGroup | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Endpoint:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def start(self) -> None:
+        """Connect, announce presence and start heartbeats and failure detection."""
+        if self._state != "new":
+            raise FabricClosed(f"endpoint {self.node_id!r} was already started")
+        self._state = "running"
+        self._tg = asyncio.TaskGroup()
+        await self._tg.__aenter__()
+        try:
+            await self.transport.start(self._on_frame, self._on_presence, self.groups)
+            hello = Hello(
+                versions=sorted(SUPPORTED_VERSIONS),
+                capabilities=self.capabilities or Capabilities(tier="edge", cores=1, memory_mb=0),
+            )
+            announcement = Envelope.new(src=self.node_id, dst="*", body=hello)
+            await self.transport.announce(encode(announcement, signer=self._signer))
+        except BaseException:
+            await self._shutdown(graceful=False)
+            raise
+        self._tasks = [
+            self._tg.create_task(self._heartbeats(), name=f"heartbeat:{self.node_id}"),
+            self._tg.create_task(self._detect_failures(), name=f"failure-detector:{self.node_id}"),
+        ]
+
+    async def close(self) -> None:
+        """Say bye, stop background work, fail pending requests, disconnect. Idempotent."""
+        await self._shutdown(graceful=True)
+
+    async def crash(self) -> None:
+        """Stop as if the process died: no bye; peers learn of it from the Last Will or silence."""
+        await self._shutdown(graceful=False)
+
+    async def _shutdown(self, *, graceful: bool) -> None:
+        if self._state == "closed":
+            return
+        was_running = self._state == "running"
+        self._state = "closed"
+        if graceful and was_running:
+            with contextlib.suppress(FabricError, TimeoutError):
+                async with asyncio.timeout(1.0):
+                    await self._send_envelope(
+                        Envelope.new(src=self.node_id, dst="*", body=Bye(reason="closing"))
+                    )
+        for task in self._tasks:
+            task.cancel()
+        if self._tg is not None:
+            await self._tg.__aexit__(None, None, None)
+        for pending in self._pending.values():
+            pending.fail(FabricClosed(f"endpoint {self.node_id!r} closed while waiting for a reply"))
+        if self.links is not None:
+            await self.links.close()
+        crash = getattr(self.transport, "crash", None)
+        if not graceful and crash is not None:
+            await crash()
+        else:
+            await self.transport.close()
+
+    def _check_running(self) -> None:
+        if self._state != "running":
+            raise FabricClosed(f"endpoint {self.node_id!r} is {self._state}")
+
+    # sending ---------------------------------------------------------------------------------
+
+    async def send(
+        self,
+        dst: str,
+        body: Any,
+        *,
+        corr: str | None = None,
+        deadline: float | None = None,
+        trace: str | None = None,
+    ) -> Envelope:
+        """Send `body` to `dst` (node, ``group:<name>`` or ``*``); returns the envelope sent."""
+        env = Envelope.new(src=self.node_id, dst=dst, body=body, corr=corr, deadline=deadline, trace=trace)
+        await self._send_envelope(env)
+        return env
+
+    async def broadcast(self, body: Any) -> Envelope:
+        """Send `body` to every node of the fabric."""
+        return await self.send("*", body)
+
+    async def reply(self, request: Envelope, body: Any) -> Envelope:
+        """Answer `request`: to its sender, correlated to its id, within its deadline."""
+        env = request.reply(body, src=self.node_id)
+        await self._send_envelope(env)
+        return env
+
+    async def _send_envelope(self, env: Envelope) -> None:
+        if self._state == "closed":
+            raise FabricClosed(f"endpoint {self.node_id!r} is closed")
+        parts = encode_parts(env, signer=self._signer)
+        size = sum(memoryview(p).nbytes for p in parts)
+        if size <= self._chunk_size + _FRAME_SLACK:
+            frame = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
+            await self._transmit(env.dst, frame)
+        else:
+            # Chunks are made lazily and each waits for room downstream: bounded memory at any size.
+            for chunk in split_blob(parts, chunk_size=self._chunk_size):
+                chunk_env = Envelope.new(
+                    src=self.node_id, dst=env.dst, body=chunk, trace=env.trace, deadline=env.deadline
+                )
+                await self._transmit(env.dst, encode(chunk_env, signer=self._signer))
+                self.stats.chunks_sent += 1
+            self.stats.blobs_sent += 1
+        self.stats.sent += 1
+
+    async def _transmit(self, address: str, frame: bytes) -> None:
+        if self.links is not None:
+            await self.links.send(address, frame, self.transport.send)
+        else:
+            await self.transport.send(address, frame)
+
+    # requests and streams --------------------------------------------------------------------
+
+    def _open(self, dst: str, request_id: str, pending: _Request | _Stream) -> None:
+        peer = self.peers.get(dst)
+        if peer is not None and not peer.alive:
+            raise PeerUnreachable(dst, "it left or was declared dead")
+        self._pending[request_id] = pending
+
+    async def request(self, dst: str, body: Any, *, timeout: float, trace: str | None = None) -> Envelope:
+        """Send `body` to node `dst` and return its first reply.
+
+        Raises `DeadlineExceeded` when no reply comes within `timeout` seconds, and
+        `PeerUnreachable` when `dst` is known to be gone or dies while we wait.
+        """
+        self._check_running()
+        env = Envelope.new(src=self.node_id, dst=dst, body=body, deadline=time.time() + timeout, trace=trace)
+        pending = _Request(dst)
+        self._open(dst, env.id, pending)
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send_envelope(env)
+                return await pending.next()
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"no reply from {dst!r} to {env.kind} {env.id} within {timeout:g}s"
+            ) from None
+        finally:
+            self._pending.pop(env.id, None)
+
+    async def stream(
+        self, dst: str, body: Any, *, timeout: float, trace: str | None = None
+    ) -> AsyncIterator[Envelope]:
+        """Send `body` to `dst` and yield its replies until one of `TERMINAL_KINDS` (included).
+
+        `timeout` bounds the wait for each reply, not the whole stream.
+        """
+        self._check_running()
+        env = Envelope.new(src=self.node_id, dst=dst, body=body, trace=trace)
+        pending = _Stream(dst, self._inbox_size)
+        self._open(dst, env.id, pending)
+        try:
+            await self._send_envelope(env)
+            while True:
+                try:
+                    async with asyncio.timeout(timeout):
+                        reply = await pending.next()
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"stream from {dst!r} for {env.kind} {env.id}: no reply within {timeout:g}s"
+                    ) from None
+                yield reply
+                if reply.kind in TERMINAL_KINDS:
+                    return
+        finally:
+            self._pending.pop(env.id, None)
+
+    # receiving -------------------------------------------------------------------------------
+
+    async def recv(self, timeout: float | None = None) -> Envelope:
+        """The next envelope that is not a reply to one of our requests."""
+        if self._state == "closed" and self._inbox.empty():
+            raise FabricClosed(f"endpoint {self.node_id!r} is closed")
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._inbox.get()
+        except TimeoutError:
+            raise DeadlineExceeded(f"{self.node_id}: nothing received within {timeout:g}s") from None
+
+    def __aiter__(self) -> AsyncIterator[Envelope]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[Envelope]:
+        while True:
+            yield await self._inbox.get()
+
+    async def _on_frame(self, frame: bytes) -> None:
+        try:
+            env = decode(frame, verifier=self._verifier, max_size=self._max_frame)
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.warning("%s: dropped a frame of %d bytes: %s", self.node_id, len(frame), exc)
+            return
+        await self._dispatch(env)
+
+    async def _dispatch(self, env: Envelope) -> None:
+        if env.src == self.node_id:
+            return  # our own broadcast or group message, echoed back
+        if self._dedupe.seen(env.id):
+            self.stats.duplicates += 1
+            return
+        self.peers.seen(env.src)
+        if env.deadline is not None and env.deadline < time.time():
+            self.stats.expired += 1
+            return
+        body = env.body
+        if isinstance(body, Heartbeat):
+            return
+        if isinstance(body, Bye):
+            self.peers.gone(env.src, "left")
+            return
+        if isinstance(body, BlobChunk):
+            await self._on_chunk(env, body)
+            return
+        pending = self._pending.get(env.corr) if env.corr is not None else None
+        self.stats.received += 1
+        if pending is None or not await pending.put(env):
+            await self._inbox.put(env)
+
+    async def _on_chunk(self, env: Envelope, chunk: BlobChunk) -> None:
+        try:
+            payload = self._reassembler.add(chunk, source=env.src)
+            if payload is None:
+                return
+            inner = decode(payload, verifier=self._verifier, max_size=self._reassembler.max_transfer_bytes)
+        except ProtocolError as exc:
+            self.stats.blob_errors += 1
+            log.warning("%s: dropped a chunked transfer from %s: %s", self.node_id, env.src, exc)
+            return
+        if inner.src != env.src:
+            self.stats.blob_errors += 1
+            log.warning(
+                "%s: transfer from %s carried an envelope of %s; dropped", self.node_id, env.src, inner.src
+            )
+            return
+        self.stats.blobs_received += 1
+        await self._dispatch(inner)
+
+    # presence --------------------------------------------------------------------------------
+
+    def add_peer_listener(self, listener: Callable[[PeerEvent], None]) -> None:
+        """Call `listener` on every join, leave and death; it must not block."""
+        self._listeners.append(listener)
+
+    async def wait_for_peer(self, node: str, timeout: float) -> None:
+        """Return once `node` is alive; raise `DeadlineExceeded` after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while node not in self.peers:
+            if time.monotonic() > deadline:
+                raise DeadlineExceeded(f"{self.node_id}: node {node!r} did not appear within {timeout:g}s")
+            await asyncio.sleep(min(0.01, self.heartbeat_s))
+
+    def _on_presence(self, event: PresenceEvent) -> None:
+        if event.node == self.node_id:
+            return
+        if event.state == "offline":
+            self.peers.gone(event.node, "dead")
+            return
+        try:
+            hello = decode(event.frame, verifier=self._verifier, fresh=False)
+        except ProtocolError as exc:
+            log.warning("%s: ignored presence of %s: %s", self.node_id, event.node, exc)
+            return
+        if isinstance(hello.body, Hello) and hello.src == event.node:
+            self.peers.seen(event.node, hello.body.capabilities, tuple(hello.body.versions))
+
+    def _on_peer_event(self, event: PeerEvent) -> None:
+        if event.kind != "joined":
+            why = "it said bye" if event.kind == "left" else "it was declared dead"
+            for pending in self._pending.values():
+                if pending.dst == event.node:
+                    pending.fail(PeerUnreachable(event.node, why))
+        for listener in self._listeners:
+            try:
+                listener(event)
+            except Exception:
+                log.exception("%s: peer listener failed on %s", self.node_id, event)
+
+    async def _heartbeats(self) -> None:
+        for seq in itertools.count():
+            try:
+                await self._send_envelope(
+                    Envelope.new(src=self.node_id, dst="*", body=self._make_heartbeat(seq))
+                )
+            except FabricError as exc:  # the transport reconnects by itself; keep beating
+                log.warning("%s: heartbeat %d not sent: %s", self.node_id, seq, exc)
+            await asyncio.sleep(self.heartbeat_s)
+
+    async def _detect_failures(self) -> None:
+        interval = min(self.heartbeat_s, self.peers.dead_after_s / 4)
+        while True:
+            await asyncio.sleep(interval)
+            self.peers.sweep()

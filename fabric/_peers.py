@@ -1,0 +1,95 @@
+"""Who is on the fabric: the peer table and the heartbeat failure detector."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from protocol import Capabilities
+
+__all__ = ["Peer", "PeerEvent", "PeerTable"]
+
+
+@dataclass
+class Peer:
+    """A node this endpoint has heard of."""
+
+    node: str
+    capabilities: Capabilities | None = None
+    versions: tuple[int, ...] = ()
+    alive: bool = True
+    last_seen: float = 0.0
+    """`time.monotonic()` when anything from the node last arrived."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerEvent:
+    """A node joined, left on purpose (bye, or its presence withdrawn), or was declared dead."""
+
+    node: str
+    kind: Literal["joined", "left", "dead"]
+    capabilities: Capabilities | None = None
+
+
+class PeerTable:
+    """Tracks peers from presence and traffic; declares a peer dead after `dead_after_s` of silence.
+
+    A peer that was declared dead and is heard from again joins again.
+    """
+
+    def __init__(
+        self,
+        on_event: Callable[[PeerEvent], None],
+        *,
+        dead_after_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._peers: dict[str, Peer] = {}
+        self._on_event = on_event
+        self.dead_after_s = dead_after_s
+        self._clock = clock
+
+    def __contains__(self, node: str) -> bool:
+        peer = self._peers.get(node)
+        return peer is not None and peer.alive
+
+    def get(self, node: str) -> Peer | None:
+        """The peer, alive or not, if known."""
+        return self._peers.get(node)
+
+    def alive(self) -> list[Peer]:
+        """Peers currently believed alive."""
+        return [p for p in self._peers.values() if p.alive]
+
+    def seen(
+        self, node: str, capabilities: Capabilities | None = None, versions: tuple[int, ...] = ()
+    ) -> None:
+        """Something arrived from `node`: it is alive (and joins if it was not)."""
+        peer = self._peers.get(node)
+        now = self._clock()
+        if peer is None:
+            peer = self._peers[node] = Peer(node, capabilities, versions, alive=False)
+        if capabilities is not None:
+            peer.capabilities, peer.versions = capabilities, versions
+        peer.last_seen = now
+        if not peer.alive:
+            peer.alive = True
+            self._on_event(PeerEvent(node, "joined", peer.capabilities))
+
+    def gone(self, node: str, kind: Literal["left", "dead"]) -> None:
+        """The node said bye, its presence was withdrawn, or it went silent."""
+        peer = self._peers.get(node)
+        if peer is None or not peer.alive:
+            return
+        peer.alive = False
+        self._on_event(PeerEvent(node, kind, peer.capabilities))
+
+    def sweep(self) -> list[str]:
+        """Declare dead every alive peer silent for longer than `dead_after_s`; return them."""
+        now = self._clock()
+        dead = [p.node for p in self._peers.values() if p.alive and now - p.last_seen > self.dead_after_s]
+        for node in dead:
+            self.gone(node, "dead")
+        return dead

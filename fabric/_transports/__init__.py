@@ -1,0 +1,1 @@
+"""The transport seam: one interface, one module per way of moving bytes."""
