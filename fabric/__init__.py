@@ -12,6 +12,7 @@ from fabric._links import LinkSpec, LinkTable
 from fabric._peers import Peer, PeerEvent, PeerTable
 from fabric._transports.base import PresenceEvent, Transport
 from fabric._transports.inproc import InprocHub, InprocTransport
+from fabric._transports.mqtt import MqttTransport
 
 __all__ = [
     "TERMINAL_KINDS",
@@ -24,6 +25,7 @@ __all__ = [
     "InprocTransport",
     "LinkSpec",
     "LinkTable",
+    "MqttTransport",
     "Peer",
     "PeerEvent",
     "PeerTable",

@@ -243,14 +243,13 @@ class Endpoint:
     async def _shutdown(self, *, graceful: bool) -> None:
         if self._state == "closed":
             return
-        was_running = self._state == "running"
-        self._state = "closed"
-        if graceful and was_running:
+        if graceful and self._state == "running":
             with contextlib.suppress(FabricError, TimeoutError):
                 async with asyncio.timeout(1.0):
                     await self._send_envelope(
                         Envelope.new(src=self.node_id, dst="*", body=Bye(reason="closing"))
                     )
+        self._state = "closed"
         for task in self._tasks:
             task.cancel()
         if self._tg is not None:
