@@ -82,7 +82,7 @@ class MqttTransport:
         namespace: str = "flowloom",
         protocol: Literal["3.1.1", "5"] = "3.1.1",
         keepalive_s: int = 5,
-        max_outstanding: int = 512,
+        max_outstanding: int = 128,
         inbound_high: int = 1024,
         connect_timeout_s: float = 10.0,
         reconnect_min_s: float = 0.05,
@@ -167,9 +167,9 @@ class MqttTransport:
                 await self._connected.wait()
         except (OSError, TimeoutError, TransportError) as exc:
             await self._stop(graceful=False)
-            raise TransportError(
-                f"cannot connect node {self.node_id!r} to mqtt://{self.host}:{self.port}: {exc or 'no CONNACK'}"
-            ) from exc
+            where = f"mqtt://{self.host}:{self.port}"
+            why = str(exc) or "no CONNACK in time"
+            raise TransportError(f"cannot connect node {self.node_id!r} to {where}: {why}") from exc
 
     async def _connect_once(self) -> None:
         # paho's connect is blocking (DNS, TCP handshake): keep it off the event loop.
@@ -348,6 +348,8 @@ class MqttTransport:
                     return
             except (OSError, TimeoutError) as exc:
                 log.debug("%s: reconnect failed: %s", self.node_id, exc)
+            except Exception:  # whatever paho raises, keep trying: giving up would strand the node
+                log.exception("%s: reconnect attempt failed unexpectedly", self.node_id)
             delay = min(self.reconnect_max_s, delay * 2)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:

@@ -117,7 +117,7 @@ async def test_a_crashed_node_is_declared_dead_and_its_pending_requests_fail(fab
 async def test_a_silent_node_is_declared_dead_by_missed_heartbeats(fabric: Harness) -> None:
     cut = LinkTable()
     a = await fabric.endpoint("a", dead_after_s=0.6)
-    b = await fabric.endpoint("b", links=cut)
+    await fabric.endpoint("b", links=cut)
     await a.wait_for_peer("b", timeout=30)
     events = recorder(a)
     cut.set("*", LinkSpec(loss=1.0))  # b is still connected, but nothing it sends arrives
