@@ -17,9 +17,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/flowloom run scenarios/quickstart.yaml
 
+# The MQTT tests start their own Mosquitto; they need the broker and its clients (mosquitto_pub).
 broker:
-	@command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto || { \
-		echo "installing mosquitto (apt)"; \
+	@{ command -v mosquitto >/dev/null 2>&1 || test -x /usr/sbin/mosquitto; } && command -v mosquitto_pub >/dev/null 2>&1 || { \
+		echo "installing mosquitto and mosquitto-clients (apt)"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mosquitto mosquitto-clients >/dev/null; }
 
 lint: $(STAMP)

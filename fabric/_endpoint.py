@@ -298,10 +298,10 @@ class Endpoint:
         if self._state == "closed":
             raise FabricClosed(f"endpoint {self.node_id!r} is closed")
         parts = encode_parts(env, signer=self._signer)
-        size = sum(memoryview(p).nbytes for p in parts)
+        single = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else None
+        size = len(single) if single is not None else sum(memoryview(p).nbytes for p in parts)
         if size <= self._chunk_size + _FRAME_SLACK:
-            frame = parts[0] if len(parts) == 1 and isinstance(parts[0], bytes) else b"".join(parts)
-            await self._transmit(env.dst, frame)
+            await self._transmit(env.dst, single if single is not None else b"".join(parts))
         else:
             # Chunks are made lazily and each waits for room downstream: bounded memory at any size.
             for chunk in split_blob(parts, chunk_size=self._chunk_size):

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import time
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, get_args
 
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 
 from protocol._ids import new_id
 from protocol._messages import Body
@@ -72,7 +74,41 @@ class Envelope(WireModel):
         deadline: float | None = None,
         trace: str | None = None,
     ) -> Envelope:
-        """Build an envelope with a fresh id and the current time, validating every field."""
+        """Build an envelope with a fresh id and the current time, validating every field.
+
+        The common case (a body that is already a message model, valid arguments) skips
+        re-validating what is known valid; anything else goes through full validation, so the
+        errors are the same either way.
+        """
+        if (
+            type(body) in _BODY_TYPES
+            and _is_node(src)
+            and _is_address(dst)
+            and (corr is None or _is_wire_id(corr))
+            and (deadline is None or (type(deadline) in (int, float) and 0 < deadline < math.inf))
+            and (trace is None or (type(trace) is str and len(trace) <= 64))
+        ):
+            env = cls.__new__(cls)
+            fields = {
+                "v": PROTOCOL_VERSION,
+                "id": new_id(),
+                "src": src,
+                "dst": dst,
+                "corr": corr,
+                "ts": time.time(),
+                "deadline": deadline,
+                "hops": [],
+                "trace": trace,
+                "kid": None,
+                "body": body,
+                "sig": None,
+            }
+            _set = object.__setattr__
+            _set(env, "__dict__", fields)
+            _set(env, "__pydantic_fields_set__", set(_NEW_FIELDS_SET))
+            _set(env, "__pydantic_extra__", None)
+            _set(env, "__pydantic_private__", None)
+            return env
         return cls(
             v=PROTOCOL_VERSION,
             id=new_id(),
@@ -95,6 +131,35 @@ class Envelope(WireModel):
             deadline=self.deadline,
             trace=self.trace,
         )
+
+
+_BODY_TYPES: frozenset[type] = frozenset(get_args(get_args(Body)[0]))
+_NEW_FIELDS_SET = frozenset({"v", "id", "src", "dst", "corr", "ts", "deadline", "trace", "body"})
+_node_adapter: TypeAdapter[str] = TypeAdapter(NodeId)
+_address_adapter: TypeAdapter[str] = TypeAdapter(Address)
+_wire_id_adapter: TypeAdapter[str] = TypeAdapter(WireId)
+
+
+def _valid(adapter: TypeAdapter[str], value: object) -> bool:
+    try:
+        adapter.validate_python(value, strict=True)
+    except ValidationError:
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=4096)  # a node talks to few distinct peers: check each name once
+def _is_node(value: str) -> bool:
+    return _valid(_node_adapter, value)
+
+
+@functools.lru_cache(maxsize=4096)
+def _is_address(value: str) -> bool:
+    return _valid(_address_adapter, value)
+
+
+def _is_wire_id(value: str) -> bool:
+    return _valid(_wire_id_adapter, value)
 
 
 def _node_part(address: str) -> str:
