@@ -1,0 +1,1 @@
+"""Benchmarks: each runs standalone (`python benchmarks/NAME.py --quick --json`) against a baseline."""
