@@ -134,8 +134,10 @@ class MqttTransport:
         if self.protocol == "3.1.1":
             kwargs["clean_session"] = False
         client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
-        client.max_inflight_messages_set(self._max_outstanding)
-        client.max_queued_messages_set(0)  # our semaphore bounds what waits; paho must not refuse
+        # Our semaphore bounds the publishes awaiting PUBACK. paho's own window stays unlimited: when
+        # set, paho walks every unacknowledged message on each PUBACK (O(window) per message).
+        client.max_inflight_messages_set(0)
+        client.max_queued_messages_set(0)
         client.will_set(f"{self._presence_prefix}{self.node_id}", b"", qos=1, retain=True)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
