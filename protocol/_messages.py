@@ -358,8 +358,8 @@ class BlobChunk(WireModel):
     """Total payload size in bytes."""
     offset: int = Field(ge=0)
     """Byte offset of this chunk in the payload: ``index * chunk_size``."""
-    crc32: int = Field(ge=0, le=0xFFFFFFFF)
-    """CRC-32 (zlib/ISO-HDLC polynomial) of `data`."""
+    crc32c: int = Field(ge=0, le=0xFFFFFFFF)
+    """CRC-32C (Castagnoli polynomial, as in iSCSI, RFC 3720) of `data`; "123456789" gives 0xE3069283."""
     data: bytes
     """The chunk's bytes; every chunk but the last has the same length."""
 

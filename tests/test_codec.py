@@ -54,7 +54,7 @@ ONE_OF_EACH = [
     TaskFailed(job="j1", task="t1", attempt=1, code="executor", message="boom", retryable=False),
     TaskCancel(job="j1", task="t1", reason="user asked"),
     GraphPatch(job="j1", ops=[AddTask(task=TaskSpec(id="t2", kind="echo"), after=["t1"])]),
-    BlobChunk(transfer=new_id(), index=0, count=1, size=3, offset=0, crc32=0x352441C2, data=b"abc"),
+    BlobChunk(transfer=new_id(), index=0, count=1, size=3, offset=0, crc32c=0x364B3FB7, data=b"abc"),
     Relay(target="cloud-1", frame=b"\x80"),
     Error(code="unreachable", message="no route to cloud-9", target="cloud-9"),
 ]

@@ -38,7 +38,7 @@ def progress_frame(data: object) -> bytes:
 
 def test_an_empty_chunk_that_is_not_the_last_is_a_chunk_error() -> None:
     for index, offset in [(0, 0), (1, 0)]:
-        chunk = BlobChunk(transfer="0" * 32, index=index, count=2, size=10, offset=offset, crc32=0, data=b"")
+        chunk = BlobChunk(transfer="0" * 32, index=index, count=2, size=10, offset=offset, crc32c=0, data=b"")
         with pytest.raises(ChunkError):
             Reassembler().add(chunk)
 
