@@ -42,21 +42,21 @@ is 0 unless an exception escapes.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import math
 import platform
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The project root first, this folder off: `import fabric` must find the package, not fabric.py.
+sys.path[:] = [
+    str(ROOT),
+    *(p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")),
+]
 
 import msgpack  # noqa: E402
 import numpy as np  # noqa: E402
@@ -65,6 +65,7 @@ from rich.table import Table  # noqa: E402
 from typing_extensions import Buffer  # noqa: E402
 
 import protocol  # noqa: E402
+from benchmarks._common import base_parser, emit, gc_paused  # noqa: E402
 from protocol import Envelope, TaskAck, TaskResult, new_id  # noqa: E402
 
 TENSOR_BYTES = 64 << 20
@@ -100,18 +101,6 @@ class Settings:
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector, so a collection does not land inside one timed loop."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def per_call(fn: Timed, number: int) -> float:
@@ -354,19 +343,12 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (a few seconds)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    return parser.parse_args(argv)
+    return base_parser(__doc__, "fewer iterations (a few seconds)").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(Settings.of(args.quick))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        render(result, Console())
+    emit(run(Settings.of(args.quick)), as_json=args.json, render=render)
     return 0
 
 

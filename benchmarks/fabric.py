@@ -72,7 +72,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import math
 import os
@@ -90,19 +89,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-
-def _same_dir(entry: str, directory: Path) -> bool:
-    try:
-        return Path(entry or ".").resolve() == directory
-    except OSError:
-        return False
-
-
 SCRIPT = Path(__file__).resolve()
-ROOT = SCRIPT.parents[1]
-# This file is named like the `fabric` package, and Python puts the script's own directory first on
-# sys.path: take it off, so `import fabric` finds the package, and put the project root first.
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if not (_same_dir(p, SCRIPT.parent) or _same_dir(p, ROOT))]
+ROOT = Path(__file__).resolve().parents[1]
+# The project root first, this folder off: `import fabric` must find the package, not fabric.py.
+sys.path[:] = [
+    str(ROOT),
+    *(p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")),
+]
 
 import numpy as np  # noqa: E402
 import paho.mqtt.client as mqtt  # noqa: E402
@@ -112,6 +105,7 @@ from rich.table import Table  # noqa: E402
 
 import protocol  # noqa: E402
 from benchmarks import mqtt_clients  # noqa: E402
+from benchmarks._common import base_parser, gc_paused  # noqa: E402
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Envelope, TaskAck, TaskCancel, TaskProgress, TaskResult  # noqa: E402
@@ -190,18 +184,6 @@ def _key(size: int) -> str:
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector, so a collection does not land inside a timed loop."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 def percentile(samples: Sequence[float], q: float) -> float:
@@ -1024,11 +1006,7 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument(
-        "--quick", action="store_true", help="N=5000, one repeat (seconds; the full run takes about a minute)"
-    )
-    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
+    parser = base_parser(__doc__, "N=5000, one repeat (seconds; the full run takes about a minute)")
     # Helper processes: this file runs them with these hidden arguments.
     parser.add_argument("--_receiver", nargs=3, metavar=("URL", "NS", "N"), help=argparse.SUPPRESS)
     parser.add_argument("--_replier", nargs=3, metavar=("URL", "NS", "NODE"), help=argparse.SUPPRESS)

@@ -72,7 +72,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import multiprocessing
 import os
 import platform
@@ -87,8 +86,11 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# The project root first, this folder off: `import fabric` must find the package, not fabric.py.
+sys.path[:] = [
+    str(ROOT),
+    *(p for p in sys.path if Path(p or ".").resolve() not in (ROOT, ROOT / "benchmarks")),
+]
 
 import aiomqtt  # noqa: E402
 import paho.mqtt  # noqa: E402
@@ -99,6 +101,7 @@ from paho.mqtt.properties import Properties  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from benchmarks._common import base_parser, emit  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 
 PAYLOAD_BYTES = 200
@@ -622,19 +625,12 @@ def render(result: dict[str, Any], console: Console) -> None:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="N=5000, one repeat (well under a minute)")
-    parser.add_argument("--json", action="store_true", help="print one JSON object and nothing else")
-    return parser.parse_args(argv)
+    return base_parser(__doc__, "N=5000, one repeat (well under a minute)").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    result = run(Settings.of(args.quick))
-    if args.json:
-        print(json.dumps(result))
-    else:
-        render(result, Console())
+    emit(run(Settings.of(args.quick)), as_json=args.json, render=render)
     return 0
 
 
