@@ -200,6 +200,7 @@ class MqttTransport:
                     while not info.is_published() and self._connected.is_set():
                         await asyncio.sleep(0.005)
             self._client.disconnect()
+            self._flush()  # write the DISCONNECT now: a closed socket alone would fire our Last Will
         else:
             sock = self._sock
             self._detach_socket()
