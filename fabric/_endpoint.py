@@ -111,10 +111,20 @@ class _Stream:
         self.dst = dst
         self.queue: asyncio.Queue[Envelope | _Failed] = asyncio.Queue(size)
         self.error: FabricError | None = None
+        self.closed = False
 
     async def put(self, env: Envelope) -> bool:
+        """Queue a reply; False when the reader has gone (the caller then delivers it elsewhere)."""
+        if self.closed:
+            return False
         await self.queue.put(env)
-        return True
+        return not self.closed
+
+    def close(self) -> None:
+        """The reader is gone: free the queue, which also wakes a dispatcher waiting for room."""
+        self.closed = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
 
     def fail(self, error: FabricError) -> None:
         self.error = error
@@ -188,7 +198,7 @@ class Endpoint:
         self._signer = signer
         self._verifier = verifier
         self._inbox_size = inbox_size
-        self._inbox: asyncio.Queue[Envelope] = asyncio.Queue(inbox_size)
+        self._inbox: asyncio.Queue[Envelope | _Failed] = asyncio.Queue(inbox_size)
         self._pending: dict[str, _Request | _Stream] = {}
         self._dedupe = _Dedupe(dedupe_size)
         self._reassembler = reassembler or Reassembler()
@@ -197,8 +207,7 @@ class Endpoint:
         self._make_heartbeat = heartbeat or (lambda seq: Heartbeat(seq=seq))
         self._listeners: list[Callable[[PeerEvent], None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
-        self._tg: asyncio.TaskGroup | None = None
-        self._tasks: list[asyncio.Task[None]] = []
+        self._background: asyncio.Task[None] | None = None
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -214,8 +223,6 @@ class Endpoint:
         if self._state != "new":
             raise FabricClosed(f"endpoint {self.node_id!r} was already started")
         self._state = "running"
-        self._tg = asyncio.TaskGroup()
-        await self._tg.__aenter__()
         try:
             await self.transport.start(self._on_frame, self._on_presence, self.groups)
             hello = Hello(
@@ -227,10 +234,19 @@ class Endpoint:
         except BaseException:
             await self._shutdown(graceful=False)
             raise
-        self._tasks = [
-            self._tg.create_task(self._heartbeats(), name=f"heartbeat:{self.node_id}"),
-            self._tg.create_task(self._detect_failures(), name=f"failure-detector:{self.node_id}"),
-        ]
+        # The background loops live in a task group of their own supervisor task: a failure there
+        # is logged and ends the loops, and never cancels the application's task.
+        self._background = asyncio.create_task(self._run_background(), name=f"endpoint:{self.node_id}")
+
+    async def _run_background(self) -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._heartbeats(), name=f"heartbeat:{self.node_id}")
+                tg.create_task(self._detect_failures(), name=f"failure-detector:{self.node_id}")
+        except Exception:
+            log.exception(
+                "%s: background work failed; heartbeats and failure detection stopped", self.node_id
+            )
 
     async def close(self) -> None:
         """Say bye, stop background work, fail pending requests, disconnect. Idempotent."""
@@ -243,26 +259,35 @@ class Endpoint:
     async def _shutdown(self, *, graceful: bool) -> None:
         if self._state == "closed":
             return
-        if graceful and self._state == "running":
-            with contextlib.suppress(FabricError, TimeoutError):
-                async with asyncio.timeout(1.0):
-                    await self._send_envelope(
-                        Envelope.new(src=self.node_id, dst="*", body=Bye(reason="closing"))
-                    )
-        self._state = "closed"
-        for task in self._tasks:
-            task.cancel()
-        if self._tg is not None:
-            await self._tg.__aexit__(None, None, None)
-        for pending in self._pending.values():
-            pending.fail(FabricClosed(f"endpoint {self.node_id!r} closed while waiting for a reply"))
-        if self.links is not None:
-            await self.links.close()
-        crash = getattr(self.transport, "crash", None)
-        if not graceful and crash is not None:
-            await crash()
-        else:
-            await self.transport.close()
+        try:
+            if self._background is not None:  # no heartbeat may follow the bye
+                self._background.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._background
+            if graceful and self._state == "running":
+                with contextlib.suppress(FabricError, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await self._send_envelope(
+                            Envelope.new(src=self.node_id, dst="*", body=Bye(reason="closing"))
+                        )
+                if self.links is not None:  # what is still on an emulated link is delivered first
+                    await self.links.drain(timeout=2.0)
+            self._state = "closed"
+            for pending in self._pending.values():
+                pending.fail(FabricClosed(f"endpoint {self.node_id!r} closed while waiting for a reply"))
+            with contextlib.suppress(asyncio.QueueFull):
+                self._inbox.put_nowait(_FAILED)  # wakes recv() and `async for` waiters
+        finally:
+            self._state = "closed"
+            try:
+                if self.links is not None:
+                    await self.links.close()
+            finally:
+                crash = getattr(self.transport, "crash", None)
+                if not graceful and crash is not None:
+                    await crash()
+                else:
+                    await self.transport.close()
 
     def _check_running(self) -> None:
         if self._state != "running":
@@ -360,7 +385,13 @@ class Endpoint:
         pending = _Stream(dst, self._inbox_size)
         self._open(dst, env.id, pending)
         try:
-            await self._send_envelope(env)
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._send_envelope(env)
+            except TimeoutError:
+                raise DeadlineExceeded(
+                    f"stream to {dst!r}: {env.kind} not sent within {timeout:g}s"
+                ) from None
             while True:
                 try:
                     async with asyncio.timeout(timeout):
@@ -374,25 +405,36 @@ class Endpoint:
                     return
         finally:
             self._pending.pop(env.id, None)
+            pending.close()  # an abandoned stream must not leave the dispatcher waiting for room
 
     # receiving -------------------------------------------------------------------------------
 
     async def recv(self, timeout: float | None = None) -> Envelope:
-        """The next envelope that is not a reply to one of our requests."""
+        """The next envelope that is not a reply to one of our requests.
+
+        Envelopes received before `close` are still handed out; then `FabricClosed` is raised.
+        """
         if self._state == "closed" and self._inbox.empty():
             raise FabricClosed(f"endpoint {self.node_id!r} is closed")
         try:
             async with asyncio.timeout(timeout):
-                return await self._inbox.get()
+                item = await self._inbox.get()
         except TimeoutError:
             raise DeadlineExceeded(f"{self.node_id}: nothing received within {timeout:g}s") from None
+        if isinstance(item, _Failed):  # closed: pass the marker on to the next waiter
+            self._inbox.put_nowait(item)
+            raise FabricClosed(f"endpoint {self.node_id!r} is closed")
+        return item
 
     def __aiter__(self) -> AsyncIterator[Envelope]:
         return self._iterate()
 
     async def _iterate(self) -> AsyncIterator[Envelope]:
         while True:
-            yield await self._inbox.get()
+            try:
+                yield await self.recv()
+            except FabricClosed:
+                return
 
     async def _on_frame(self, frame: bytes) -> None:
         try:
@@ -494,6 +536,8 @@ class Endpoint:
                 )
             except FabricError as exc:  # the transport reconnects by itself; keep beating
                 log.warning("%s: heartbeat %d not sent: %s", self.node_id, seq, exc)
+            except Exception:  # e.g. a failing `heartbeat` callback: log it, keep the node alive
+                log.exception("%s: heartbeat %d failed", self.node_id, seq)
             await asyncio.sleep(self.heartbeat_s)
 
     async def _detect_failures(self) -> None:
@@ -501,3 +545,4 @@ class Endpoint:
         while True:
             await asyncio.sleep(interval)
             self.peers.sweep()
+            self._reassembler.expire()  # a transfer cut off mid-way frees its buffer in time

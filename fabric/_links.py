@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 __all__ = ["LinkSpec", "LinkTable"]
+
+log = logging.getLogger("fabric.links")
 
 Deliver = Callable[[str, bytes], Awaitable[None]]
 
@@ -60,13 +63,24 @@ class _Pipe:
         self._last_due = 0.0
         self.lost = 0
         self.delivered = 0
+        self.failed = 0
+        self.pending = 0  # frames accepted and not yet delivered, lost or failed
+        self.idle = asyncio.Event()
+        self.idle.set()
         self._tasks = [
             asyncio.create_task(self._serialise(), name="link-serialise"),
             asyncio.create_task(self._propagate(), name="link-propagate"),
         ]
 
     async def put(self, address: str, frame: bytes) -> None:
+        self.pending += 1
+        self.idle.clear()
         await self._outgoing.put((address, frame))
+
+    def _done(self) -> None:
+        self.pending -= 1
+        if self.pending == 0:
+            self.idle.set()
 
     async def _serialise(self) -> None:
         loop = asyncio.get_running_loop()
@@ -82,6 +96,7 @@ class _Pipe:
                     await asyncio.sleep(self._free_at - now)
             if self.spec.loss and self._rng.random() < self.spec.loss:
                 self.lost += 1
+                self._done()
                 continue
             delay = (self.spec.latency_ms + self._rng.uniform(0, self.spec.jitter_ms)) / 1000
             due = max(max(self._free_at, now) + delay, self._last_due)
@@ -95,8 +110,13 @@ class _Pipe:
             wait = due - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            await self._deliver(address, frame)
-            self.delivered += 1
+            try:
+                await self._deliver(address, frame)
+                self.delivered += 1
+            except Exception:  # a failed delivery must not kill the link for the frames behind it
+                self.failed += 1
+                log.exception("link: delivery of a frame to %s failed", address)
+            self._done()
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -124,8 +144,12 @@ class LinkTable:
     def set(self, dst: str, spec: LinkSpec | None) -> None:
         """Emulate `spec` toward `dst` (``"*"`` for every destination); None removes the link.
 
-        Frames already in a replaced link's pipe are still delivered with the old figures.
+        Frames already on the old link are still delivered with the old figures, and before any
+        frame sent after this call.
         """
+        pipe = self._pipes.pop(dst, None)
+        if pipe is not None:
+            self._retired.append(pipe)
         if spec is None:
             self._specs.pop(dst, None)
         else:
@@ -136,25 +160,49 @@ class LinkTable:
         return self._specs.get(dst) or self._specs.get("*")
 
     def stats(self) -> dict[str, dict[str, int]]:
-        """Frames delivered and lost per destination key."""
-        return {key: {"delivered": p.delivered, "lost": p.lost} for key, p in self._pipes.items()}
+        """Frames delivered, lost (emulated loss) and failed (delivery raised) per destination key."""
+        return {
+            key: {"delivered": p.delivered, "lost": p.lost, "failed": p.failed}
+            for key, p in self._pipes.items()
+        }
 
     async def send(self, address: str, frame: bytes, deliver: Deliver) -> None:
         """Pass `frame` to `deliver` through the emulated link toward `address`, if any."""
         key = address if address in self._specs else "*"
         spec = self._specs.get(key)
+        pipe = self._pipes.get(key)
+        if pipe is not None and pipe.spec != spec:
+            # The link changed: frames still on the old one arrive first (links never reorder).
+            del self._pipes[key]
+            self._retired.append(pipe)
+            pipe = None
+        await self._settle_retired()
         if spec is None:
             await deliver(address, frame)
             return
-        pipe = self._pipes.get(key)
-        if pipe is None or pipe.spec != spec:
-            if pipe is not None:
-                self._retired.append(pipe)
+        if pipe is None:
             pipe = self._pipes[key] = _Pipe(spec, deliver, self._rng, self._depth)
         await pipe.put(address, frame)
 
+    async def _settle_retired(self) -> None:
+        while self._retired:
+            old = self._retired.pop(0)
+            await old.idle.wait()
+            await old.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Wait until every frame on every link is delivered or lost, for at most `timeout` s."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._settle_retired()
+                for pipe in list(self._pipes.values()):
+                    await pipe.idle.wait()
+
     async def close(self) -> None:
-        """Stop every pipe; frames still in them are dropped."""
+        """Stop every pipe; frames still in them are dropped, counted and logged."""
+        dropped = sum(p.pending for p in [*self._pipes.values(), *self._retired])
+        if dropped:
+            log.warning("link emulation closed with %d frames still on its links: dropped", dropped)
         for pipe in [*self._pipes.values(), *self._retired]:
             await pipe.close()
         self._pipes.clear()

@@ -21,10 +21,9 @@ Generated configuration (Mosquitto 2.0 syntax) and why:
   offline subscriber with a persistent session instead of silently dropping them past the default
   of 1000. ``max_queued_bytes`` stays at its default 0 (no maximum) for the same reason. Bounded
   memory is the fabric's job, not the test broker's.
-- ``max_inflight_messages 0`` (0 means no maximum; default 20): the broker does not throttle QoS
-  1/2 deliveries to MQTT 3.1.1 clients to 20 unacknowledged messages at a time. This never drops
-  messages either way; it keeps the broker from being the bottleneck in throughput tests. MQTT 5
-  clients still get at most their own Receive Maximum in flight.
+- ``max_inflight_messages 1000`` (default 20): at most 1000 QoS 1 messages delivered to a client
+  and not yet acknowledged. Fabric nodes acknowledge a message only once they have handled it, so
+  this is what bounds a node's inbound queue; 1000 keeps the broker from being the bottleneck.
 - ``persistence true``, ``persistence_location <dir>/``, ``autosave_interval 1`` with
   ``autosave_on_changes false``: the in-memory database is written on a clean stop and, in
   addition, once a second. So ``stop()`` + ``start()`` (or ``restart()``) keeps retained messages,
@@ -58,6 +57,7 @@ from types import TracebackType
 __all__ = ["MosquittoBroker", "find_mosquitto", "free_port"]
 
 _FALLBACK_BINARY = "/usr/sbin/mosquitto"
+_INFLIGHT = 1000
 _START_TIMEOUT = 10.0  # seconds until the listener must answer an MQTT CONNECT
 _STOP_TIMEOUT = 5.0  # seconds after SIGTERM before SIGKILL
 _LOG_TAIL_LINES = 30
@@ -222,7 +222,7 @@ class MosquittoBroker:
             f"max_packet_size {self.max_packet_size}",
             "max_queued_messages 0",  # 0 = no maximum: never drop a slow subscriber's QoS 1/2
             "max_queued_bytes 0",  # 0 = no maximum (the default, stated)
-            "max_inflight_messages 0",  # 0 = no maximum: the broker is not the bottleneck
+            f"max_inflight_messages {_INFLIGHT}",  # bounds what a client has not yet acknowledged
             "persistence true",
             f"persistence_location {location}",
             "autosave_interval 1",  # seconds, with autosave_on_changes false

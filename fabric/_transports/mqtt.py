@@ -17,12 +17,17 @@ Topic layout, under a namespace so fabrics sharing a broker never see each other
 Sessions are persistent (clean_session false): while a node is away the broker keeps its
 subscriptions and queues its QoS 1 messages, the same semantics as the in-process hub.
 
-Flow control: at most `max_outstanding` publishes wait for their PUBACK; `send` waits for room.
-Messages published while the connection is down stay in paho's outbox and go out on reconnect.
-Inbound frames queue up to `inbound_high` (default 1024); past that the transport stops reading
-the socket until the queue is back under half, so the broker holds the rest (backpressure: the
-broker must be configured not to drop queued QoS 1 messages, e.g. Mosquitto's
-``max_queued_messages 0``).
+Flow control, out: at most `max_outstanding` publishes wait for their PUBACK; `send` waits for
+room. Messages published while the connection is down stay in paho's outbox and go out on
+reconnect.
+
+Flow control, in: a message is acknowledged (PUBACK) only after the endpoint has handled it, so
+the broker's in-flight window for this client bounds what is queued here (Mosquitto's
+``max_inflight_messages``, MQTT 5's Receive Maximum), and the broker holds the rest
+(backpressure; the broker must queue rather than drop for a slow subscriber, e.g. Mosquitto's
+``max_queued_messages 0``). The socket is always read, so our own PUBACKs and keepalive answers
+keep flowing while the handler is busy; a message handled but not yet acknowledged when the node
+dies is delivered again, and dropped as a duplicate.
 
 Errors of paho and sockets are translated into `TransportError` here and nowhere else.
 """
@@ -83,7 +88,6 @@ class MqttTransport:
         protocol: Literal["3.1.1", "5"] = "3.1.1",
         keepalive_s: int = 5,
         max_outstanding: int = 128,
-        inbound_high: int = 1024,
         connect_timeout_s: float = 10.0,
         reconnect_min_s: float = 0.05,
         reconnect_max_s: float = 5.0,
@@ -100,18 +104,19 @@ class MqttTransport:
         self.connect_timeout_s = connect_timeout_s
         self.reconnect_min_s = reconnect_min_s
         self.reconnect_max_s = reconnect_max_s
-        self.inbound_high = inbound_high
         self.reconnects = 0
         """How many times the connection was re-established."""
         self._prefix = f"fl/{namespace}"
         self._presence_prefix = f"{self._prefix}/p/"
         self._window = asyncio.Semaphore(max_outstanding)
         self._max_outstanding = max_outstanding
-        # Frames and presence events, in arrival order: a node's bye must not be overtaken by the
-        # withdrawal of its presence that it published after it.
-        self._inbound: deque[bytes | PresenceEvent] = deque()
+        # Frames and presence events with their message ids, in arrival order: a node's bye must not
+        # be overtaken by the withdrawal of its presence that it published after it.
+        self._inbound: deque[tuple[bytes | PresenceEvent, int, int]] = deque()
         self._inbound_ready = asyncio.Event()
-        self._paused = False
+        self._send_mids: set[int] = set()  # publishes of send() awaiting PUBACK: one window slot each
+        self._connecting: asyncio.Future[Any] | None = None
+        self._subscribe_mid: int | None = None
         self._writer_registered = False
         self._flush_scheduled = False
         self._announcement: bytes | None = None
@@ -133,7 +138,7 @@ class MqttTransport:
         }
         if self.protocol == "3.1.1":
             kwargs["clean_session"] = False
-        client = paho.Client(CallbackAPIVersion.VERSION2, **kwargs)
+        client = paho.Client(CallbackAPIVersion.VERSION2, manual_ack=True, **kwargs)
         # Our semaphore bounds the publishes awaiting PUBACK. paho's own window stays unlimited: when
         # set, paho walks every unacknowledged message on each PUBACK (O(window) per message).
         client.max_inflight_messages_set(0)
@@ -143,6 +148,7 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
         client.on_socket_open = self._on_socket_open
         client.on_socket_close = self._on_socket_close
         client.on_socket_register_write = self._on_register_write
@@ -174,10 +180,15 @@ class MqttTransport:
             raise TransportError(f"cannot connect node {self.node_id!r} to {where}: {why}") from exc
 
     async def _connect_once(self) -> None:
-        # paho's connect is blocking (DNS, TCP handshake): keep it off the event loop.
-        rc = await asyncio.to_thread(self._client.connect, self.host, self.port, self.keepalive_s)
+        rc = await self._in_thread(self._client.connect, self.host, self.port, self.keepalive_s)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(paho.error_string(rc))
+
+    async def _in_thread(self, fn: Any, *args: Any) -> Any:
+        # paho's connect is blocking (DNS, TCP handshake): keep it off the event loop. Shielded and
+        # remembered, so that closing waits for it instead of leaving a socket behind.
+        self._connecting = asyncio.ensure_future(asyncio.to_thread(fn, *args))
+        return await asyncio.shield(self._connecting)
 
     async def close(self) -> None:
         """Withdraw presence, disconnect cleanly (no Last Will), release everything."""
@@ -193,6 +204,10 @@ class MqttTransport:
         self._state = "closing"
         if self._reconnecting is not None:
             self._reconnecting.cancel()
+        if self._connecting is not None and not self._connecting.done():
+            await asyncio.wait([self._connecting], timeout=self.connect_timeout_s)
+        for _ in range(self._max_outstanding):  # wake senders waiting for window room: they fail
+            self._window.release()
         if graceful and self._connected.is_set():
             with contextlib.suppress(Exception):
                 info = self._client.publish(f"{self._presence_prefix}{self.node_id}", b"", qos=1, retain=True)
@@ -227,11 +242,14 @@ class MqttTransport:
             raise FabricClosed(f"MQTT transport of {self.node_id!r} is {self._state}")
         topic = topic_for(self.namespace, address)
         await self._window.acquire()
+        if self._state != "running":
+            raise FabricClosed(f"MQTT transport of {self.node_id!r} closed while the send waited")
         info = self._client.publish(topic, frame, qos=1)
         if info.rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_NO_CONN):
             self._window.release()
             raise TransportError(f"publish to {topic} failed: {paho.error_string(info.rc)}")
         # MQTT_ERR_NO_CONN: paho keeps the message and sends it when the connection is back.
+        self._send_mids.add(info.mid)
 
     async def announce(self, frame: bytes) -> None:
         """Publish our presence, retained; it is published again after every reconnect."""
@@ -260,9 +278,9 @@ class MqttTransport:
         self._call_in_loop(self._attach_socket, sock)
 
     def _attach_socket(self, sock: Any) -> None:
-        assert self._loop is not None
+        if self._loop is None:  # closed meanwhile
+            return
         self._sock = sock
-        self._paused = False
         self._loop.add_reader(sock, self._read_socket)
 
     def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
@@ -307,7 +325,7 @@ class MqttTransport:
         # _packet_read is paho's own per-packet step (paho-mqtt 2.x).
         client = self._client
         for _ in range(256):
-            if self._paused or self._sock is None:
+            if self._sock is None:
                 return
             rc = client._packet_read()
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
@@ -322,10 +340,14 @@ class MqttTransport:
             return
         topics = [f"{self._prefix}/n/{self.node_id}", f"{self._prefix}/all", f"{self._presence_prefix}+"]
         topics += [f"{self._prefix}/g/{g}" for g in self._groups]
-        client.subscribe([(t, 1) for t in topics])
+        _, self._subscribe_mid = client.subscribe([(t, 1) for t in topics])
         if self._announcement is not None:
             client.publish(f"{self._presence_prefix}{self.node_id}", self._announcement, qos=1, retain=True)
-        self._call_in_loop(self._connected.set)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, props: Any) -> None:
+        # Connected means subscribed: a message sent to us once start() returns is not lost.
+        if mid == self._subscribe_mid:
+            self._call_in_loop(self._connected.set)
 
     def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         self._call_in_loop(self._lost)
@@ -342,7 +364,7 @@ class MqttTransport:
             # Full jitter: nodes that lost the same broker do not all come back at once.
             await asyncio.sleep(random.uniform(0, delay))
             try:
-                rc = await asyncio.to_thread(self._client.reconnect)
+                rc = await self._in_thread(self._client.reconnect)
                 if rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
                     async with asyncio.timeout(self.connect_timeout_s):
                         await self._connected.wait()
@@ -356,43 +378,40 @@ class MqttTransport:
             delay = min(self.reconnect_max_s, delay * 2)
 
     def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, props: Any) -> None:
-        self._call_in_loop(self._window.release)
+        self._call_in_loop(self._published, mid)
+
+    def _published(self, mid: int) -> None:
+        if mid in self._send_mids:  # presence publishes took no slot and give none back
+            self._send_mids.discard(mid)
+            self._window.release()
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         topic = message.topic
+        item: bytes | PresenceEvent
         if topic.startswith(self._presence_prefix):
             node = topic[len(self._presence_prefix) :]
-            if node != self.node_id:
-                payload = bytes(message.payload)
-                self._inbound.append(PresenceEvent(node, "online" if payload else "offline", payload))
-                self._inbound_ready.set()
-            return
-        self._inbound.append(bytes(message.payload))  # no copy when paho gives bytes
+            payload = bytes(message.payload)
+            item = PresenceEvent(node, "online" if payload else "offline", payload)
+        else:
+            item = bytes(message.payload)  # no copy when paho gives bytes
+        self._inbound.append((item, message.mid, message.qos))
         self._inbound_ready.set()
-        if len(self._inbound) >= self.inbound_high and not self._paused and self._sock is not None:
-            self._paused = True  # backpressure: stop reading until the handler catches up
-            assert self._loop is not None
-            self._loop.remove_reader(self._sock)
 
     async def _read_frames(self) -> None:
         while True:
             await self._inbound_ready.wait()
             while self._inbound:
-                item = self._inbound.popleft()
+                item, mid, qos = self._inbound.popleft()
                 if isinstance(item, PresenceEvent):
-                    if self._on_presence is not None:
+                    if self._on_presence is not None and item.node != self.node_id:
                         self._on_presence(item)
-                    continue
-                if self._paused and len(self._inbound) <= self.inbound_high // 2 and self._sock is not None:
-                    self._paused = False
-                    assert self._loop is not None
-                    self._loop.add_reader(self._sock, self._read_socket)
-                    self._read_socket()
-                assert self._on_frame is not None
-                try:
-                    await self._on_frame(item)
-                except Exception:
-                    log.exception("%s: the frame handler failed", self.node_id)
+                elif self._on_frame is not None:
+                    try:
+                        await self._on_frame(item)
+                    except Exception:
+                        log.exception("%s: the frame handler failed", self.node_id)
+                if qos and self._sock is not None:
+                    self._client.ack(mid, qos)  # handled: now the broker may send the next one
             self._inbound_ready.clear()
 
     async def _misc(self) -> None:

@@ -140,7 +140,7 @@ async def test_garbage_published_by_mosquitto_pub_is_counted_and_the_node_keeps_
             ],
             check=True,
         )
-    await eventually(lambda: b.stats.malformed == 3, what="three malformed frames counted")
+    await eventually(lambda: b.stats.malformed == 3, what=f"three malformed frames counted ({b.stats})")
     await a.send("b", progress(1))
     assert (await b.recv(timeout=30)).body.seq == 1
 
