@@ -76,11 +76,11 @@ class EndpointStats:
     blob_errors: int = 0
 
 
-class _Failed:
-    """Queue marker: the pending stream failed; see `_Stream.error`."""
+class _End:
+    """Queue marker: nothing more will come; readers raise (`_Stream.error`, or `FabricClosed`)."""
 
 
-_FAILED = _Failed()
+_END = _End()
 
 
 class _Request:
@@ -109,7 +109,7 @@ class _Stream:
 
     def __init__(self, dst: str, size: int) -> None:
         self.dst = dst
-        self.queue: asyncio.Queue[Envelope | _Failed] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[Envelope | _End] = asyncio.Queue(size)
         self.error: FabricError | None = None
         self.closed = False
 
@@ -130,13 +130,13 @@ class _Stream:
         self.error = error
         # When the queue is full nobody is waiting on it: the reader drains it and then sees `error`.
         with contextlib.suppress(asyncio.QueueFull):
-            self.queue.put_nowait(_FAILED)
+            self.queue.put_nowait(_END)
 
     async def next(self) -> Envelope:
         if self.error is not None and self.queue.empty():
             raise self.error
         item = await self.queue.get()
-        if isinstance(item, _Failed):
+        if isinstance(item, _End):
             assert self.error is not None
             raise self.error
         return item
@@ -198,7 +198,7 @@ class Endpoint:
         self._signer = signer
         self._verifier = verifier
         self._inbox_size = inbox_size
-        self._inbox: asyncio.Queue[Envelope | _Failed] = asyncio.Queue(inbox_size)
+        self._inbox: asyncio.Queue[Envelope | _End] = asyncio.Queue(inbox_size)
         self._pending: dict[str, _Request | _Stream] = {}
         self._dedupe = _Dedupe(dedupe_size)
         self._reassembler = reassembler or Reassembler()
@@ -276,7 +276,7 @@ class Endpoint:
             for pending in self._pending.values():
                 pending.fail(FabricClosed(f"endpoint {self.node_id!r} closed while waiting for a reply"))
             with contextlib.suppress(asyncio.QueueFull):
-                self._inbox.put_nowait(_FAILED)  # wakes recv() and `async for` waiters
+                self._inbox.put_nowait(_END)  # wakes recv() and `async for` waiters
         finally:
             self._state = "closed"
             try:
@@ -421,7 +421,7 @@ class Endpoint:
                 item = await self._inbox.get()
         except TimeoutError:
             raise DeadlineExceeded(f"{self.node_id}: nothing received within {timeout:g}s") from None
-        if isinstance(item, _Failed):  # closed: pass the marker on to the next waiter
+        if isinstance(item, _End):  # closed: pass the marker on to the next waiter
             self._inbox.put_nowait(item)
             raise FabricClosed(f"endpoint {self.node_id!r} is closed")
         return item
