@@ -27,7 +27,7 @@ from protocol._errors import (
     VersionMismatchError,
 )
 from protocol._messages import MESSAGE_KINDS
-from protocol._signing import Signer, Verifier
+from protocol._signing import SIG_TRAILER, Signer, Verifier
 from protocol._tensor import (
     LOSSY_EXT,
     TENSOR_EXT,
@@ -50,7 +50,6 @@ _MAX_DEPTH: Final = 64  # nesting of maps and arrays; see docs/protocol.md "Limi
 #: Most values (scalars and containers, not counting tensor or bin bytes) one frame may hold: a
 #: bound on the memory and time a hostile frame can cost. Bulk data belongs in tensors and bins.
 MAX_VALUES: Final = 1 << 18
-_SIG_NIL: Final = b"\xa3sig\xc0"
 
 
 class _HasTensor(Exception):
@@ -97,7 +96,7 @@ def encode_parts(envelope: Envelope, *, signer: Signer | None = None) -> list[Bu
     if signer is not None:
         last = memoryview(parts[-1])
         parts[-1] = last[:-1]  # drop the nil placeholder of "sig"
-        parts.append(b"\xc4\x20" + signer.mac(parts))
+        parts.append(SIG_TRAILER[-2:] + signer.mac(parts))  # bin8 of 32 bytes, then the MAC
     return parts
 
 
@@ -303,17 +302,17 @@ class _PartsWriter:
 _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
-_FIXED_LEAVES: dict[int, tuple[struct.Struct, bool]] = {
-    0xCA: (struct.Struct(">f"), False),
-    0xCB: (struct.Struct(">d"), False),
-    0xCC: (struct.Struct(">B"), False),
-    0xCD: (struct.Struct(">H"), False),
-    0xCE: (struct.Struct(">I"), False),
-    0xCF: (struct.Struct(">Q"), False),
-    0xD0: (struct.Struct(">b"), False),
-    0xD1: (struct.Struct(">h"), False),
-    0xD2: (struct.Struct(">i"), False),
-    0xD3: (struct.Struct(">q"), False),
+_FIXED_LEAVES: dict[int, struct.Struct] = {
+    0xCA: struct.Struct(">f"),
+    0xCB: struct.Struct(">d"),
+    0xCC: struct.Struct(">B"),
+    0xCD: struct.Struct(">H"),
+    0xCE: struct.Struct(">I"),
+    0xCF: struct.Struct(">Q"),
+    0xD0: struct.Struct(">b"),
+    0xD1: struct.Struct(">h"),
+    0xD2: struct.Struct(">i"),
+    0xD3: struct.Struct(">q"),
 }
 _SIZED = {  # marker -> (length struct, what)
     0xC4: (_U8, "bin"),
@@ -374,9 +373,8 @@ class _FrameReader:
             return None
         if marker in (0xC2, 0xC3):
             return marker == 0xC3
-        fixed = _FIXED_LEAVES.get(marker)
-        if fixed is not None:
-            fmt = fixed[0]
+        fmt = _FIXED_LEAVES.get(marker)
+        if fmt is not None:
             return fmt.unpack(self._take(fmt.size))[0]
         sized = _SIZED.get(marker)
         if sized is not None:
