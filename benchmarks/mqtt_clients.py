@@ -186,6 +186,14 @@ class Tally:
     last: float = 0.0
     error: str | None = None
 
+    def record(self, now: float, n: int) -> bool:
+        """Count one message received at `now`; True once `n` have arrived."""
+        self.count += 1
+        if self.count == 1:
+            self.first = now
+        self.last = now
+        return self.count >= n
+
     def report(self) -> dict[str, Any]:
         elapsed = self.last - self.first if self.count else 0.0
         return {"count": self.count, "elapsed": elapsed, "error": self.error}
@@ -262,12 +270,7 @@ def paho_subscriber(spec: SubSpec, conn: Connection) -> Tally:
             conn.send(("ready", None))
 
     def on_message(client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        now = perf_counter()
-        tally.count += 1
-        if tally.count == 1:
-            tally.first = now
-        tally.last = now
-        if tally.count >= n:
+        if tally.record(perf_counter(), n):
             client.disconnect()
 
     client.on_connect = on_connect
@@ -342,12 +345,7 @@ async def _count(client: aiomqtt.Client, n: int) -> Tally:
 
     async def consume() -> None:
         async for _message in client.messages:
-            now = perf_counter()
-            tally.count += 1
-            if tally.count == 1:
-                tally.first = now
-            tally.last = now
-            if tally.count >= n:
+            if tally.record(perf_counter(), n):
                 return
 
     consumer = asyncio.create_task(consume())
