@@ -45,11 +45,18 @@ figure is the best of the repeats (3, ``--quick``: 1): noise only ever makes a r
 
     - in-process: ``a.send`` -> ``b.recv()`` in this process; time from the send to ``recv``
       returning. For information.
-    - MQTT: ``await a.request(replier, blob)`` to the replier process of (2), which answers
-      each blob with a small ``task.ack`` once it has received and decoded it; the time is the
-      whole round trip, so it includes that tiny reply. The ack names the size received, which
-      is checked. For the 64 MiB blob the CPU time each process spends per transfer (sender,
-      broker, receiver; from /proc) is reported too, to show where the time goes.
+    - MQTT, two paths, each to its own replier process like the one of (2), which answers each
+      blob with a small ``task.ack`` once it has received and decoded it; the time of ``await
+      a.request(replier, blob)`` is the whole round trip, so it includes that tiny reply. The
+      ack names the size received, which is checked.
+      ``mqtt_blob_gbps_*``: the replier listens for direct bulk streams on loopback, as a
+      reachable node does by default: the 16 and 64 MiB envelopes go node to node over TCP
+      and a small ``blob.ref`` goes through the broker (the run checks that they did); 1 MiB
+      fits one frame and goes through the broker.
+      ``mqtt_broker_blob_gbps_*``: the replier takes no bulk streams, so everything goes as
+      1 MiB chunks through the broker: what a node gets when nobody can dial it.
+      For the 64 MiB blob the CPU time each process spends per transfer (sender, broker,
+      receiver; from /proc) is reported for both paths, to show where the time goes.
     - baseline: raw TCP over loopback to a server process (hidden ``--_tcp_server``) that reads
       an 8-byte length and then exactly that many bytes into a preallocated buffer
       (``recv_into``), and answers one byte; the client ``sendall``s the length and a
@@ -60,7 +67,8 @@ figure is the best of the repeats (3, ``--quick``: 1): noise only ever makes a r
       fabric's chunk size; window of 100 as in mqtt_clients.py) from this process to a paho
       subscriber in its own process (hidden ``--_paho_sink``) through the same broker, which
       answers each complete blob with a 1-byte message: the ceiling of this client library and
-      broker for blobs, whatever the fabric does (``raw_paho_blob_gbps_*``).
+      broker for blobs, whatever the fabric does (``raw_paho_blob_gbps_*``); compare it with
+      the broker path (``mqtt_broker_blob_ratio_vs_raw_paho``).
 
 JSON (``--json``): one object on stdout with the figures as top-level keys, ``targets``,
 ``meets_targets``, ``notes`` (incomplete runs, failures) and ``details`` (every run). A missed
@@ -443,9 +451,15 @@ async def receiver_main(url: str, namespace: str, n: int) -> None:
     print(json.dumps(report), flush=True)
 
 
-async def replier_main(url: str, namespace: str, node: str) -> None:
-    """``--_replier``: answer every envelope with a task.ack until stdin closes."""
-    ep = Endpoint(node, MqttTransport(url, node, namespace=namespace), heartbeat_s=HEARTBEAT_S)
+async def replier_main(url: str, namespace: str, node: str, path: str) -> None:
+    """``--_replier``: answer every envelope with a task.ack until stdin closes.
+
+    `path` ``direct``: listen for direct bulk streams on loopback (the fabric's default for a
+    reachable node); ``broker``: take large envelopes only as chunks through the broker.
+    """
+    bulk = "127.0.0.1:0" if path == "direct" else None
+    transport = MqttTransport(url, node, namespace=namespace)
+    ep = Endpoint(node, transport, heartbeat_s=HEARTBEAT_S, bulk=bulk)
     async with ep:
         print("ready", flush=True)
         serving = asyncio.create_task(serve_acks(ep))
@@ -652,10 +666,12 @@ class MqttResult:
     ours: list[OneWayRun] = field(default_factory=list)
     raw: list[mqtt_clients.RunResult] = field(default_factory=list)
     rr: list[list[float]] = field(default_factory=list)
-    blob_s: dict[int, list[float]] = field(default_factory=dict)
+    blob_s: dict[int, list[float]] = field(default_factory=dict)  # direct bulk path (the default)
+    broker_blob_s: dict[int, list[float]] = field(default_factory=dict)  # chunks through the broker
     tcp_s: dict[int, list[float]] = field(default_factory=dict)
     paho_blob_s: dict[int, list[float]] = field(default_factory=dict)
     blob_cpu_s: dict[str, list[float]] = field(default_factory=dict)  # per largest blob, per process
+    broker_blob_cpu_s: dict[str, list[float]] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
 
 
@@ -695,13 +711,16 @@ async def mqtt_rr_and_blobs(
     settings: Settings,
     values: dict[int, np.ndarray[Any, Any]],
     result: MqttResult,
+    *,
+    path: str,
 ) -> None:
-    """Request/reply latencies and blob round trips to a replier process, added to `result`.
+    """Blob round trips to a replier process on `path` (and, on ``direct``, request/reply latencies),
+    added to `result`.
 
     For the largest blob it also adds up the CPU time that each process spends (where the time goes).
     """
     ns = namespace()
-    proc = await spawn("--_replier", url, ns, "echo")
+    proc = await spawn("--_replier", url, ns, "echo", path)
     try:
         line = await read_line(proc, READY_TIMEOUT, "replier")
         if line != "ready":
@@ -709,11 +728,15 @@ async def mqtt_rr_and_blobs(
         tx = Endpoint("tx", MqttTransport(url, "tx", namespace=ns), heartbeat_s=HEARTBEAT_S)
         async with tx:
             await tx.wait_for_peer("echo", READY_TIMEOUT)
-            result.rr.append(await request_latencies(tx, "echo", settings.mqtt_calls, settings.warmup))
+            if path == "direct":
+                await _wait_for_bulk_address(tx, "echo")
+                result.rr.append(await request_latencies(tx, "echo", settings.mqtt_calls, settings.warmup))
             pids = {"sender": os.getpid(), "broker": broker_pid, "receiver": proc.pid}
+            blob_s = result.blob_s if path == "direct" else result.broker_blob_s
+            cpu_s = result.blob_cpu_s if path == "direct" else result.broker_blob_cpu_s
             for size, value in values.items():
                 body = TaskResult(job="j", task="t", attempt=0, value=value)
-                times = result.blob_s.setdefault(size, [])
+                times = blob_s.setdefault(size, [])
                 rounds = settings.blob_rounds[size]
                 before = {name: cpu_seconds(pid) for name, pid in pids.items()}
                 for _ in range(rounds):
@@ -728,9 +751,23 @@ async def mqtt_rr_and_blobs(
                     for name, pid in pids.items():
                         spent, was = cpu_seconds(pid), before[name]
                         if spent is not None and was is not None:
-                            result.blob_cpu_s.setdefault(name, []).append((spent - was) / rounds)
+                            cpu_s.setdefault(name, []).append((spent - was) / rounds)
+            big_rounds = sum(settings.blob_rounds[s] for s in values if s > MIB)  # 1 MiB fits one frame
+            expected = 0 if path == "broker" else big_rounds
+            if tx.stats.bulk_sent != expected:
+                raise RuntimeError(
+                    f"{path} path: {tx.stats.bulk_sent} blobs went on bulk streams, not {expected}"
+                )
     finally:
         await reap(proc)
+
+
+async def _wait_for_bulk_address(ep: Endpoint, node: str) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT
+    while (peer := ep.peers.get(node)) is None or peer.bulk is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{node} did not announce a bulk address")
+        await asyncio.sleep(0.01)
 
 
 @contextlib.contextmanager
@@ -766,11 +803,16 @@ def bench_mqtt(
             progress(f"{step}: MQTT one-way, raw paho")
             with raw_payload(frame_bytes):
                 result.raw.append(mqtt_clients.run_once(RAW_CONFIG, broker, settings.n))
-            progress(f"{step}: MQTT request/reply and blobs")
-            try:
-                asyncio.run(mqtt_rr_and_blobs(broker.url, broker_pid, settings, values, result))
-            except (RuntimeError, FabricError, OSError) as exc:
-                result.errors.append(f"{step}: MQTT request/reply and blobs: {type(exc).__name__}: {exc}")
+            for path in ("direct", "broker"):
+                progress(
+                    f"{step}: MQTT blobs, {path} path" + (" and request/reply" if path == "direct" else "")
+                )
+                try:
+                    asyncio.run(
+                        mqtt_rr_and_blobs(broker.url, broker_pid, settings, values, result, path=path)
+                    )
+                except (RuntimeError, FabricError, OSError) as exc:
+                    result.errors.append(f"{step}: MQTT {path} path: {type(exc).__name__}: {exc}")
             progress(f"{step}: raw paho blobs")
             for size, chunks in pieces.items():
                 times = result.paho_blob_s.setdefault(size, [])
@@ -861,16 +903,24 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     for size in BLOB_SIZES:
         out[f"inproc_blob_gbps_{_key(size)}"] = _round(_gbps(size, inproc.blob_s.get(size, [])), 3)
         out[f"mqtt_blob_gbps_{_key(size)}"] = _round(_gbps(size, mqtt.blob_s.get(size, [])), 3)
+        out[f"mqtt_broker_blob_gbps_{_key(size)}"] = _round(_gbps(size, mqtt.broker_blob_s.get(size, [])), 3)
         out[f"raw_tcp_gbps_{_key(size)}"] = _round(_gbps(size, mqtt.tcp_s.get(size, [])), 3)
         out[f"raw_paho_blob_gbps_{_key(size)}"] = _round(_gbps(size, mqtt.paho_blob_s.get(size, [])), 3)
     big, largest = _key(max(BLOB_SIZES)), max(BLOB_SIZES)
     mqtt_big = _gbps(largest, mqtt.blob_s.get(largest, []))
     blob_ratio = _ratio(mqtt_big, _gbps(largest, mqtt.tcp_s.get(largest, [])))
     out["mqtt_blob_ratio_vs_tcp"] = _round(blob_ratio, 3)
-    ratio_paho = _ratio(mqtt_big, _gbps(largest, mqtt.paho_blob_s.get(largest, [])))
-    out["mqtt_blob_ratio_vs_raw_paho"] = _round(ratio_paho, 3)
+    broker_big = _gbps(largest, mqtt.broker_blob_s.get(largest, []))
+    out["mqtt_broker_blob_ratio_vs_tcp"] = _round(
+        _ratio(broker_big, _gbps(largest, mqtt.tcp_s.get(largest, []))), 3
+    )
+    ratio_paho = _ratio(broker_big, _gbps(largest, mqtt.paho_blob_s.get(largest, [])))
+    out["mqtt_broker_blob_ratio_vs_raw_paho"] = _round(ratio_paho, 3)
     out[f"mqtt_blob_cpu_s_per_{big}"] = {
         name: round(sum(spent) / len(spent), 4) for name, spent in mqtt.blob_cpu_s.items()
+    }
+    out[f"mqtt_broker_blob_cpu_s_per_{big}"] = {
+        name: round(sum(spent) / len(spent), 4) for name, spent in mqtt.broker_blob_cpu_s.items()
     }
     out["blob_identical"] = inproc.blob_identical
     if not inproc.blob_identical:
@@ -913,6 +963,9 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
                 ],
                 "mqtt_rr_p50_us_per_repeat": [round(percentile(s, 0.5) * 1e6, 1) for s in mqtt.rr],
                 "mqtt_blob_s": {_key(k): [round(t, 4) for t in v] for k, v in mqtt.blob_s.items()},
+                "mqtt_broker_blob_s": {
+                    _key(k): [round(t, 4) for t in v] for k, v in mqtt.broker_blob_s.items()
+                },
                 "raw_paho_blob_s": {_key(k): [round(t, 4) for t in v] for k, v in mqtt.paho_blob_s.items()},
                 "raw_tcp_s": {_key(k): [round(t, 4) for t in v] for k, v in mqtt.tcp_s.items()},
                 "inproc_blob_s": {_key(k): [round(t, 4) for t in v] for k, v in inproc.blob_s.items()},
@@ -981,11 +1034,12 @@ def render(result: dict[str, Any], console: Console) -> None:
             target,
             met,
         )
+        broker = r[f"mqtt_broker_blob_gbps_{key}"]
         paho = r[f"raw_paho_blob_gbps_{key}"]
-        paho_ratio = _ratio(mqtt, paho)
+        paho_ratio = _ratio(broker, paho)
         table.add_row(
-            f"{label} MQTT GB/s",
-            "",
+            f"{label} via broker GB/s",
+            _num(broker, ".3f"),
             f"raw paho {_num(paho, '.3f')}",
             "" if paho_ratio is None else f"{paho_ratio:.2f}x",
             "info",
@@ -995,7 +1049,11 @@ def render(result: dict[str, Any], console: Console) -> None:
     cpu = result[f"mqtt_blob_cpu_s_per_{_key(max(BLOB_SIZES))}"]
     if cpu:
         spent = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in cpu.items())
-        console.print(f"CPU per {max(BLOB_SIZES) // MIB} MiB blob over MQTT: {spent}")
+        console.print(f"CPU per {max(BLOB_SIZES) // MIB} MiB blob over MQTT, direct path: {spent}")
+    cpu = result[f"mqtt_broker_blob_cpu_s_per_{_key(max(BLOB_SIZES))}"]
+    if cpu:
+        spent = ", ".join(f"{name} {seconds * 1000:.0f} ms" for name, seconds in cpu.items())
+        console.print(f"CPU per {max(BLOB_SIZES) // MIB} MiB blob over MQTT, via the broker: {spent}")
     for note in result["notes"]:
         console.print(f"[red]note: {note}[/]")
     verdict = "[green]meets targets[/]" if result["meets_targets"] else "[red]misses targets[/]"
@@ -1009,7 +1067,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = base_parser(__doc__, "N=5000, one repeat (seconds; the full run takes about a minute)")
     # Helper processes: this file runs them with these hidden arguments.
     parser.add_argument("--_receiver", nargs=3, metavar=("URL", "NS", "N"), help=argparse.SUPPRESS)
-    parser.add_argument("--_replier", nargs=3, metavar=("URL", "NS", "NODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--_replier", nargs=4, metavar=("URL", "NS", "NODE", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--_tcp_server", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_paho_sink", nargs=3, metavar=("HOST", "PORT", "TOPIC"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)

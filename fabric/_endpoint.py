@@ -12,7 +12,14 @@ Queues and their overflow policy:
 - replies of one request or stream (`inbox_size`): the same backpressure.
 - dedupe memory (`dedupe_size` ids): the oldest ids are forgotten first.
 - reassembly: bounded by the `Reassembler`'s byte limits; a transfer that would exceed them is
-  refused and counted in `stats.blob_errors`.
+  refused and counted in `stats.blob_errors`. The bulk listener (below) has the same limits.
+
+Large envelopes (above the chunk size) to one node travel on a direct bulk stream when that node
+announced a `bulk` address and no link is emulated toward it (`fabric._bulk`): the frame goes
+over TCP first, then a small `blob.ref` goes through the transport, so the envelope keeps its place
+in the sender's order. Whenever the stream fails or is refused, the envelope goes as chunks through
+the transport instead (`stats.bulk_fallbacks`); after a failed connection that address is not
+tried again for `BULK_RETRY_S`.
 """
 
 from __future__ import annotations
@@ -21,13 +28,15 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable
+from fabric._bulk import BulkListener, BulkRefused, BulkSender
+from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable, TransportError
 from fabric._links import LinkTable
 from fabric._peers import PeerEvent, PeerTable
 from fabric._transports.base import PresenceEvent, Transport
@@ -36,6 +45,7 @@ from protocol import (
     DEFAULT_MAX_FRAME,
     SUPPORTED_VERSIONS,
     BlobChunk,
+    BlobRef,
     Bye,
     Capabilities,
     Envelope,
@@ -51,7 +61,7 @@ from protocol import (
     split_blob,
 )
 
-__all__ = ["TERMINAL_KINDS", "Endpoint", "EndpointStats"]
+__all__ = ["BULK_RETRY_S", "TERMINAL_KINDS", "Endpoint", "EndpointStats"]
 
 log = logging.getLogger("fabric.endpoint")
 
@@ -59,6 +69,9 @@ TERMINAL_KINDS = frozenset({"task.result", "task.failed", "error"})
 """Kinds that end a stream of replies."""
 
 _FRAME_SLACK = 4096  # an envelope whose frame is at most chunk_size + this travels unchunked
+
+BULK_RETRY_S = 30.0
+"""After a bulk connection to an address fails, send chunks there for this long before trying again."""
 
 
 @dataclass
@@ -74,6 +87,12 @@ class EndpointStats:
     blobs_received: int = 0
     chunks_sent: int = 0
     blob_errors: int = 0
+    bulk_sent: int = 0
+    """Large envelopes sent on a direct bulk stream (also counted in `blobs_sent`)."""
+    bulk_received: int = 0
+    """Large envelopes received from a bulk stream (also counted in `blobs_received`)."""
+    bulk_fallbacks: int = 0
+    """Large envelopes sent as chunks after their bulk stream failed or was refused."""
 
 
 class _End:
@@ -164,6 +183,10 @@ class Endpoint:
     ...     reply = await ep.request("cloud-1", TaskCancel(job="j", task="t"), timeout=2.0)
 
     Lifecycle: new -> running (`start` or ``async with``) -> closed (`close`, `crash`).
+
+    `bulk` (``"host:port"``, port 0 for any free one) makes the endpoint listen for direct bulk
+    streams there and announce it; `bulk_advertise` is the address peers should dial when it
+    differs (a listener on ``0.0.0.0`` must name one).
     """
 
     def __init__(
@@ -184,6 +207,8 @@ class Endpoint:
         dedupe_size: int = 100_000,
         reassembler: Reassembler | None = None,
         heartbeat: Callable[[int], Heartbeat] | None = None,
+        bulk: str | None = None,
+        bulk_advertise: str | None = None,
     ) -> None:
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be > 0")
@@ -202,6 +227,20 @@ class Endpoint:
         self._pending: dict[str, _Request | _Stream] = {}
         self._dedupe = _Dedupe(dedupe_size)
         self._reassembler = reassembler or Reassembler()
+        self._bulk_listener = (
+            None
+            if bulk is None
+            else BulkListener(
+                bulk,
+                advertise=bulk_advertise,
+                max_frame_bytes=self._reassembler.max_transfer_bytes,
+                max_stored_bytes=self._reassembler.max_buffered_bytes,
+                idle_timeout_s=self._reassembler.idle_timeout_s,
+                name=node_id,
+            )
+        )
+        self._bulk_sender = BulkSender()
+        self._bulk_down: dict[str, float] = {}  # address -> monotonic time until which it is not tried
         self._chunk_size = chunk_size
         self._max_frame = max_frame
         self._make_heartbeat = heartbeat or (lambda seq: Heartbeat(seq=seq))
@@ -224,10 +263,16 @@ class Endpoint:
             raise FabricClosed(f"endpoint {self.node_id!r} was already started")
         self._state = "running"
         try:
+            if self._bulk_listener is not None:
+                try:
+                    await self._bulk_listener.start()
+                except OSError as exc:
+                    raise TransportError(f"{self.node_id}: cannot listen for bulk streams: {exc}") from exc
             await self.transport.start(self._on_frame, self._on_presence, self.groups)
             hello = Hello(
                 versions=sorted(SUPPORTED_VERSIONS),
                 capabilities=self.capabilities or Capabilities(tier="edge", cores=1, memory_mb=0),
+                bulk=self._bulk_listener.address if self._bulk_listener is not None else None,
             )
             announcement = Envelope.new(src=self.node_id, dst="*", body=hello)
             await self.transport.announce(encode(announcement, signer=self._signer))
@@ -280,6 +325,9 @@ class Endpoint:
         finally:
             self._state = "closed"
             try:
+                await self._bulk_sender.close()
+                if self._bulk_listener is not None:
+                    await self._bulk_listener.close()
                 if self.links is not None:
                     await self.links.close()
             finally:
@@ -327,7 +375,7 @@ class Endpoint:
         size = len(single) if single is not None else sum(memoryview(p).nbytes for p in parts)
         if size <= self._chunk_size + _FRAME_SLACK:
             await self._transmit(env.dst, single if single is not None else b"".join(parts))
-        else:
+        elif not await self._send_bulk(env, parts, size):
             # Chunks are made lazily and each waits for room downstream: bounded memory at any size.
             for chunk in split_blob(parts, chunk_size=self._chunk_size):
                 chunk_env = Envelope.new(
@@ -337,6 +385,40 @@ class Endpoint:
                 self.stats.chunks_sent += 1
             self.stats.blobs_sent += 1
         self.stats.sent += 1
+
+    async def _send_bulk(self, env: Envelope, parts: Sequence[Any], size: int) -> bool:
+        """Send a large envelope on a direct bulk stream; False when it must go as chunks instead."""
+        peer = self.peers.get(env.dst)
+        address = peer.bulk if peer is not None and peer.alive else None
+        if address is None or (self.links is not None and self.links.spec(env.dst) is not None):
+            return False  # an emulated link shapes chunks; a bulk stream would bypass it
+        if self._bulk_down.get(address, 0.0) > time.monotonic():
+            self.stats.bulk_fallbacks += 1
+            return False
+        # Enough for a slow link (5 s plus 10 MB/s), and never past the envelope's own deadline.
+        timeout = 5.0 + size / 10e6
+        if env.deadline is not None:
+            timeout = max(0.001, min(timeout, env.deadline - time.time()))
+        transfer = secrets.token_hex(16)  # unguessable: only our blob.ref can claim these bytes
+        try:
+            size, crc = await self._bulk_sender.push(address, transfer, parts, timeout)
+        except TransportError as exc:
+            if not isinstance(exc, BulkRefused):
+                self._bulk_down[address] = time.monotonic() + BULK_RETRY_S
+            self.stats.bulk_fallbacks += 1
+            log.warning("%s: sending %s to %s as chunks instead: %s", self.node_id, env.kind, env.dst, exc)
+            return False
+        ref = Envelope.new(
+            src=self.node_id,
+            dst=env.dst,
+            body=BlobRef(transfer=transfer, size=size, crc32c=crc),
+            trace=env.trace,
+            deadline=env.deadline,
+        )
+        await self._transmit(env.dst, encode(ref, signer=self._signer))
+        self.stats.bulk_sent += 1
+        self.stats.blobs_sent += 1
+        return True
 
     async def _transmit(self, address: str, frame: bytes) -> None:
         if self.links is not None:
@@ -464,6 +546,9 @@ class Endpoint:
         if isinstance(body, BlobChunk):
             await self._on_chunk(env, body)
             return
+        if isinstance(body, BlobRef):
+            await self._on_blob_ref(env, body)
+            return
         pending = self._pending.get(env.corr) if env.corr is not None else None
         self.stats.received += 1
         if pending is None or not await pending.put(env):
@@ -472,21 +557,44 @@ class Endpoint:
     async def _on_chunk(self, env: Envelope, chunk: BlobChunk) -> None:
         try:
             payload = self._reassembler.add(chunk, source=env.src)
-            if payload is None:
-                return
-            inner = decode(payload, verifier=self._verifier, max_size=self._reassembler.max_transfer_bytes)
         except ProtocolError as exc:
             self.stats.blob_errors += 1
             log.warning("%s: dropped a chunked transfer from %s: %s", self.node_id, env.src, exc)
             return
+        if payload is not None:
+            await self._deliver_payload(env, payload, "chunked transfer")
+
+    async def _on_blob_ref(self, env: Envelope, ref: BlobRef) -> None:
+        if self._bulk_listener is None:
+            self.stats.blob_errors += 1
+            log.warning("%s: blob.ref from %s, but this node takes no bulk streams", self.node_id, env.src)
+            return
+        try:
+            payload = self._bulk_listener.claim(ref.transfer, size=ref.size, crc=ref.crc32c)
+        except ProtocolError as exc:
+            self.stats.blob_errors += 1
+            log.warning("%s: dropped a bulk transfer from %s: %s", self.node_id, env.src, exc)
+            return
+        if await self._deliver_payload(env, payload, "bulk transfer"):
+            self.stats.bulk_received += 1
+
+    async def _deliver_payload(self, env: Envelope, payload: Any, how: str) -> bool:
+        """Decode the envelope a transfer carried and dispatch it; False (counted) when refused."""
+        try:
+            inner = decode(payload, verifier=self._verifier, max_size=self._reassembler.max_transfer_bytes)
+        except ProtocolError as exc:
+            self.stats.blob_errors += 1
+            log.warning("%s: dropped a %s from %s: %s", self.node_id, how, env.src, exc)
+            return False
         if inner.src != env.src:
             self.stats.blob_errors += 1
             log.warning(
-                "%s: transfer from %s carried an envelope of %s; dropped", self.node_id, env.src, inner.src
+                "%s: %s from %s carried an envelope of %s; dropped", self.node_id, how, env.src, inner.src
             )
-            return
+            return False
         self.stats.blobs_received += 1
         await self._dispatch(inner)
+        return True
 
     # presence --------------------------------------------------------------------------------
 
@@ -514,7 +622,8 @@ class Endpoint:
             log.warning("%s: ignored presence of %s: %s", self.node_id, event.node, exc)
             return
         if isinstance(hello.body, Hello) and hello.src == event.node:
-            self.peers.seen(event.node, hello.body.capabilities, tuple(hello.body.versions))
+            body = hello.body
+            self.peers.seen(event.node, body.capabilities, tuple(body.versions), body.bulk)
 
     def _on_peer_event(self, event: PeerEvent) -> None:
         if event.kind != "joined":
@@ -546,3 +655,5 @@ class Endpoint:
             await asyncio.sleep(interval)
             self.peers.sweep()
             self._reassembler.expire()  # a transfer cut off mid-way frees its buffer in time
+            if self._bulk_listener is not None:
+                self._bulk_listener.expire()

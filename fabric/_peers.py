@@ -19,6 +19,8 @@ class Peer:
     node: str
     capabilities: Capabilities | None = None
     versions: tuple[int, ...] = ()
+    bulk: str | None = None
+    """Where the node accepts direct bulk streams, from its `hello`; None: it accepts none."""
     alive: bool = True
     last_seen: float = 0.0
     """`time.monotonic()` when anything from the node last arrived."""
@@ -64,15 +66,22 @@ class PeerTable:
         return [p for p in self._peers.values() if p.alive]
 
     def seen(
-        self, node: str, capabilities: Capabilities | None = None, versions: tuple[int, ...] = ()
+        self,
+        node: str,
+        capabilities: Capabilities | None = None,
+        versions: tuple[int, ...] = (),
+        bulk: str | None = None,
     ) -> None:
-        """Something arrived from `node`: it is alive (and joins if it was not)."""
+        """Something arrived from `node`: it is alive (and joins if it was not).
+
+        `capabilities` (with `versions` and `bulk`) come from its `hello`; they replace what was known.
+        """
         peer = self._peers.get(node)
         now = self._clock()
         if peer is None:
             peer = self._peers[node] = Peer(node, capabilities, versions, alive=False)
         if capabilities is not None:
-            peer.capabilities, peer.versions = capabilities, versions
+            peer.capabilities, peer.versions, peer.bulk = capabilities, versions, bulk
         peer.last_seen = now
         if not peer.alive:
             peer.alive = True

@@ -9,6 +9,7 @@ activation formats, chunking of large payloads, and HMAC signing with replay def
 True
 """
 
+from protocol._bulk import BULK_HEADER_SIZE, BULK_MAGIC, BulkStatus, pack_bulk_header, unpack_bulk_header
 from protocol._chunking import CHUNK_SIZE, Reassembler, split_blob
 from protocol._codec import DEFAULT_MAX_FRAME, decode, encode, encode_parts
 from protocol._envelope import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Envelope
@@ -31,6 +32,7 @@ from protocol._messages import (
     AddEdge,
     AddTask,
     BlobChunk,
+    BlobRef,
     Body,
     Bye,
     Capabilities,
@@ -61,6 +63,8 @@ from protocol._signing import Signer, Verifier
 from protocol._tensor import Lossy, LossyFormat
 
 __all__ = [
+    "BULK_HEADER_SIZE",
+    "BULK_MAGIC",
     "CHUNK_SIZE",
     "DEFAULT_MAX_FRAME",
     "MAX_HOPS",
@@ -71,7 +75,9 @@ __all__ = [
     "AddTask",
     "BadSignatureError",
     "BlobChunk",
+    "BlobRef",
     "Body",
+    "BulkStatus",
     "Bye",
     "Capabilities",
     "ChunkError",
@@ -115,7 +121,9 @@ __all__ = [
     "encode_parts",
     "negotiate_version",
     "new_id",
+    "pack_bulk_header",
     "split_blob",
+    "unpack_bulk_header",
 ]
 
 # Public classes and functions report the package as their home, so reprs and tracebacks show

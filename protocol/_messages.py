@@ -6,7 +6,7 @@ from typing import Annotated, Literal, get_args
 
 from pydantic import Field
 
-from protocol._models import Address, NodeId, ShortText, TaskId, WireId, WireModel
+from protocol._models import Address, HostPort, NodeId, ShortText, TaskId, WireId, WireModel
 from protocol._values import WireValue
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "AddEdge",
     "AddTask",
     "BlobChunk",
+    "BlobRef",
     "Body",
     "Bye",
     "Capabilities",
@@ -76,6 +77,8 @@ class Hello(WireModel):
     """Protocol versions the sender can speak."""
     capabilities: Capabilities
     """What the sender is and can run."""
+    bulk: HostPort | None = None
+    """Where this node accepts direct bulk streams (see `blob.ref`); absent: send it chunks only."""
 
 
 class Welcome(WireModel):
@@ -364,6 +367,23 @@ class BlobChunk(WireModel):
     """The chunk's bytes; every chunk but the last has the same length."""
 
 
+class BlobRef(WireModel):
+    """A large envelope that crossed beside the broker, on a direct bulk stream; deliver it here.
+
+    The sender first streams the encoded envelope to the receiver's `bulk` address, and sends
+    this small body through the fabric only once the receiver has stored it, so the envelope takes
+    this body's place in the sender's order.
+    """
+
+    kind: Literal["blob.ref"] = "blob.ref"
+    transfer: WireId
+    """Id the bulk stream carried; unguessable (random), so others cannot claim the bytes."""
+    size: int = Field(ge=0)
+    """Length of the stored frame in bytes."""
+    crc32c: int = Field(ge=0, le=0xFFFFFFFF)
+    """CRC-32C of the stored frame, as in `blob.chunk`."""
+
+
 class Relay(WireModel):
     """A complete frame for `target`, carried by relays; the inner frame keeps its own signature."""
 
@@ -401,6 +421,7 @@ Body = Annotated[
     | TaskCancel
     | GraphPatch
     | BlobChunk
+    | BlobRef
     | Relay
     | Error,
     Field(discriminator="kind"),

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, StringConstraints
 
-__all__ = ["MAX_HOPS", "Address", "NodeId", "ShortText", "TaskId", "WireId", "WireModel"]
+__all__ = ["MAX_HOPS", "Address", "HostPort", "NodeId", "ShortText", "TaskId", "WireId", "WireModel"]
 
 #: Longest hop list an envelope may carry; a relay that would exceed it drops the envelope.
 MAX_HOPS = 8
@@ -25,6 +25,11 @@ WireId = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{32}$")]
 
 TaskId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")]
 """A task or job name: 1-128 of letters, digits, '.', '_', ':' and '-'."""
+
+HostPort = Annotated[
+    str, StringConstraints(pattern=r"^(\[[0-9A-Fa-f:.]{2,45}\]|[A-Za-z0-9._-]{1,253}):[0-9]{1,5}$")
+]
+"""A TCP address: ``host:port``, with an IPv6 host in brackets (``[::1]:7000``)."""
 
 ShortText = Annotated[str, StringConstraints(max_length=4096)]
 """Free text for people (reasons, error messages), at most 4096 characters."""

@@ -13,6 +13,8 @@ from typing import Any, get_args
 
 from pydantic import BaseModel
 
+from protocol._bulk import BulkStatus
+from protocol._bulk import __doc__ as bulk_doc
 from protocol._chunking import CHUNK_SIZE
 from protocol._codec import _MAX_DEPTH as MAX_DEPTH
 from protocol._codec import DEFAULT_MAX_FRAME, MAX_VALUES, encode
@@ -246,6 +248,27 @@ def render() -> str:
         "(its signature and freshness are checked as usual) and refuse it unless its `src` is the "
         "chunks' `src`. On a fabric that signs, chunk envelopes are signed like any other. Senders "
         "chunk every envelope whose frame exceeds the chunk size by more than 4096 bytes.",
+        "",
+        "## Direct bulk streams",
+        "",
+        "A node that announces a `bulk` address in its `hello` also accepts large envelopes over a "
+        "direct TCP connection, beside the broker: the sender streams the encoded envelope there, then "
+        "sends a small `blob.ref` through the fabric naming the stored transfer. The receiver delivers "
+        "the stored envelope when the `blob.ref` arrives, so it keeps its place among the sender's "
+        "other messages; decode it like a reassembled chunked payload (signature, freshness, same "
+        "`src` as the `blob.ref`), and refuse it unless its size and CRC-32C match the `blob.ref`. "
+        "A stored frame that no `blob.ref` claims is dropped after the idle timeout. A sender falls back "
+        "to `blob.chunk` whenever the stream fails or is refused.",
+        "",
+        "```",
+        (bulk_doc or "").split("Per transfer:")[1].split("After a refusal")[0].strip("\n"),
+        "```",
+        "",
+        "| status byte | meaning |",
+        "|---|---|",
+        *[f"| {s.value} `{s.name}` | {s.meaning} |" for s in BulkStatus],
+        "",
+        "After a refusal " + " ".join((bulk_doc or "").split("After a refusal")[1].split()),
         "",
         "## Limits",
         "",

@@ -9,9 +9,11 @@ import torch
 from pydantic import ValidationError
 
 from protocol import (
+    BULK_HEADER_SIZE,
     MESSAGE_KINDS,
     AddTask,
     BlobChunk,
+    BlobRef,
     Bye,
     Capabilities,
     DecodeError,
@@ -38,12 +40,14 @@ from protocol import (
     encode_parts,
     negotiate_version,
     new_id,
+    pack_bulk_header,
+    unpack_bulk_header,
 )
 
 CAPS = Capabilities(tier="edge", cores=4, memory_mb=8192, task_kinds=["echo"], labels={"site": "lab"})
 
 ONE_OF_EACH = [
-    Hello(versions=[1], capabilities=CAPS),
+    Hello(versions=[1], capabilities=CAPS, bulk="10.0.0.7:7000"),
     Welcome(version=1, heartbeat_s=1.0, capabilities=CAPS),
     Heartbeat(seq=7, running=1, queued=2, load=0.5),
     Bye(reason="shutting down"),
@@ -55,6 +59,7 @@ ONE_OF_EACH = [
     TaskCancel(job="j1", task="t1", reason="user asked"),
     GraphPatch(job="j1", ops=[AddTask(task=TaskSpec(id="t2", kind="echo"), after=["t1"])]),
     BlobChunk(transfer=new_id(), index=0, count=1, size=3, offset=0, crc32c=0x364B3FB7, data=b"abc"),
+    BlobRef(transfer=new_id(), size=3, crc32c=0x364B3FB7),
     Relay(target="cloud-1", frame=b"\x80"),
     Error(code="unreachable", message="no route to cloud-9", target="cloud-9"),
 ]
@@ -200,3 +205,25 @@ def test_the_envelope_model_accepts_exactly_the_supported_versions() -> None:
 
     assert set(get_args(Envelope.model_fields["v"].annotation)) == SUPPORTED_VERSIONS
     assert PROTOCOL_VERSION in SUPPORTED_VERSIONS
+
+
+@pytest.mark.parametrize("address", ["10.0.0.7:7000", "edge-1.lan:7000", "[::1]:7000"])
+def test_a_bulk_address_is_host_and_port(address: str) -> None:
+    assert Hello(versions=[1], capabilities=CAPS, bulk=address).bulk == address
+
+
+@pytest.mark.parametrize("address", ["10.0.0.7", ":7000", "a b:1", "::1:7000", "host:port"])
+def test_a_bulk_address_without_host_and_port_is_refused(address: str) -> None:
+    with pytest.raises(ValidationError, match="bulk"):
+        Hello(versions=[1], capabilities=CAPS, bulk=address)
+
+
+def test_a_bulk_header_round_trips_and_bad_headers_name_the_fault() -> None:
+    transfer = new_id()
+    header = pack_bulk_header(transfer, 1 << 26)
+    assert len(header) == BULK_HEADER_SIZE
+    assert unpack_bulk_header(header) == (transfer, 1 << 26)
+    with pytest.raises(DecodeError, match="expected b'FLB1'"):
+        unpack_bulk_header(b"HTTP" + header[4:])
+    with pytest.raises(DecodeError, match="27 bytes"):
+        unpack_bulk_header(header[:-1])

@@ -3,6 +3,8 @@
 import protocol
 
 PROTOCOL_API = [
+    "BULK_HEADER_SIZE",
+    "BULK_MAGIC",
     "CHUNK_SIZE",
     "DEFAULT_MAX_FRAME",
     "MAX_HOPS",
@@ -13,7 +15,9 @@ PROTOCOL_API = [
     "AddTask",
     "BadSignatureError",
     "BlobChunk",
+    "BlobRef",
     "Body",
+    "BulkStatus",
     "Bye",
     "Capabilities",
     "ChunkError",
@@ -57,7 +61,9 @@ PROTOCOL_API = [
     "encode_parts",
     "negotiate_version",
     "new_id",
+    "pack_bulk_header",
     "split_blob",
+    "unpack_bulk_header",
 ]
 
 
