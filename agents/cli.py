@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import os
+import signal
 import sys
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from agents.errors import ScenarioError
+from agents.node import Node
+from agents.orchestrator import JobEvent
+from agents.report import Report
+from agents.runner import graph_of, run_scenario, write_trace
 from agents.scenario import load_scenario
-from agents.wire_check import run_wire_check
+from fabric import MqttTransport
+from protocol import Capabilities
 
 __all__ = ["main"]
 
@@ -25,12 +34,60 @@ def _validate(args: argparse.Namespace, console: Console) -> int:
 def _run(args: argparse.Namespace, console: Console) -> int:
     scenario = load_scenario(args.file)
     console.print(f"[bold]{scenario.name}[/bold]: {scenario.description.strip()}")
-    console.print(
-        "[dim]The orchestrator and task DAG are not built yet: this run exchanges real, signed "
-        "protocol frames between the scenario's nodes in one process.[/dim]"
+    if args.broker:
+        raise ScenarioError("--broker: running against node daemons is not built yet; run in-process")
+    total = len(graph_of(scenario))
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     )
-    report = run_wire_check(scenario, step=lambda line: console.print(f"  [cyan]>[/cyan] {line}"))
+    bar = progress.add_task("tasks", total=total)
 
+    def on_event(event: JobEvent) -> None:
+        if event.kind == "done":
+            progress.advance(bar)
+        elif event.kind == "patch" and "rejected" not in event.detail:
+            progress.update(bar, total=(progress.tasks[0].total or 0) + 1)
+        if event.kind in ("reassign", "retry", "timeout", "speculate", "failed", "cancel", "patch"):
+            where = f" on {event.node}" if event.node else ""
+            progress.console.print(
+                f"  [yellow]{event.t:6.2f}s[/yellow] {event.kind} {event.task}{where} {event.detail}"
+            )
+
+    journal = Path(args.journal) if args.journal else None
+    with progress:
+        report, orchestrator = asyncio.run(
+            run_scenario(scenario, on_event=on_event, journal=journal, resume=args.resume)
+        )
+    _print_report(report, console)
+    if args.report:
+        Path(args.report).write_text(report.model_dump_json(indent=2) + "\n")
+        console.print(f"report written to {args.report}")
+    if args.trace:
+        write_trace(orchestrator.events, args.trace)
+        console.print(f"trace written to {args.trace} (open in ui.perfetto.dev or chrome://tracing)")
+    console.print("[green]ok[/green]" if report.ok else "[red]FAILED[/red]", f"in {report.wall_s:.2f}s")
+    return 0 if report.ok else 1
+
+
+def _print_report(report: Report, console: Console) -> None:
+    nodes = Table(title="nodes")
+    for column in ("node", "tier", "tasks run", "alive"):
+        nodes.add_column(column)
+    for name, node in report.nodes.items():
+        nodes.add_row(name, node.tier, str(node.tasks_run), "yes" if node.alive else "[red]no[/red]")
+    console.print(nodes)
+    if report.faults:
+        faults = Table(title="faults")
+        for column in ("at s", "fault", "what"):
+            faults.add_column(column)
+        for fault in report.faults:
+            faults.add_row(f"{fault.at_s:.2f}", fault.kind, fault.target)
+        console.print(faults)
     table = Table(title="expectations")
     table.add_column("check")
     table.add_column("ok")
@@ -44,11 +101,41 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     for name, value in report.figures.items():
         figures.add_row(name, f"{value:,.4g}")
     console.print(figures)
-    if args.report:
-        Path(args.report).write_text(report.model_dump_json(indent=2) + "\n")
-        console.print(f"report written to {args.report}")
-    console.print("[green]ok[/green]" if report.ok else "[red]FAILED[/red]", f"in {report.wall_s:.2f}s")
-    return 0 if report.ok else 1
+    t = report.tasks
+    console.print(
+        f"tasks: {t.done} done, {t.failed} failed or skipped, {t.cancelled} cancelled, of {t.total}"
+    )
+
+
+def _node(args: argparse.Namespace, console: Console) -> int:
+    labels = dict(item.split("=", 1) for item in args.label)
+    caps = Capabilities(
+        tier=args.tier,
+        cores=args.cores,
+        memory_mb=args.memory_mb,
+        segment=args.segment,
+        reachability="nat" if args.nat else "public",
+        labels=labels,
+    )
+    return asyncio.run(_serve_node(args, caps, console))
+
+
+async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Console) -> int:
+    transport = MqttTransport(args.broker, args.id, namespace=args.namespace)
+    node = Node(args.id, transport, capabilities=caps, heartbeat_s=args.heartbeat_s, bulk=args.bulk)
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    async with node:
+        console.print(
+            f"node {args.id} ({caps.tier}) on {args.broker}, fabric {args.namespace!r}: ready",
+            highlight=False,
+        )
+        await stopping.wait()
+        console.print(f"node {args.id}: draining (up to {args.grace_s:g}s), then leaving")
+        await node.close(grace_s=args.grace_s)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,13 +144,32 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     validate = sub.add_parser("validate", help="check a scenario file and report what is wrong")
     validate.add_argument("file")
-    run = sub.add_parser("run", help="run a scenario in-process")
+    run = sub.add_parser("run", help="run a scenario (in-process by default)")
     run.add_argument("file")
     run.add_argument("--report", metavar="FILE", help="write the report JSON here")
+    run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace here")
+    run.add_argument("--journal", metavar="FILE", help="journal the run in this sqlite file")
+    run.add_argument("--resume", action="store_true", help="finish the job journaled in --journal")
+    run.add_argument("--broker", metavar="URL", help="run against node daemons on this MQTT broker")
+    node = sub.add_parser("node", help="run a node daemon on an MQTT broker")
+    node.add_argument("--id", required=True, help="node id, unique on the fabric")
+    node.add_argument("--tier", choices=["device", "edge", "cloud"], required=True)
+    node.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port")
+    node.add_argument("--namespace", default="flowloom", help="fabric namespace on the broker")
+    node.add_argument("--cores", type=int, default=os.cpu_count() or 1)
+    node.add_argument("--memory-mb", type=int, default=1024)
+    node.add_argument("--segment", default="default")
+    node.add_argument("--nat", action="store_true", help="this node cannot be dialled")
+    node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    node.add_argument("--bulk", metavar="HOST:PORT", help="accept large tensors directly here")
+    node.add_argument("--heartbeat-s", type=float, default=1.0)
+    node.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, time for running tasks")
     args = parser.parse_args(argv)
+    if getattr(args, "resume", False) and not args.journal:
+        parser.error("--resume needs --journal FILE")
     console = Console()
     try:
-        return {"validate": _validate, "run": _run}[args.command](args, console)
+        return {"validate": _validate, "run": _run, "node": _node}[args.command](args, console)
     except ScenarioError as exc:
         # plain lines, never wrapped: people grep them and editors jump to file:line
         print(f"error: {exc}", file=sys.stderr)

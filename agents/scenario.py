@@ -1,20 +1,30 @@
 """Scenario files: YAML validated by pydantic models, errors that name the file and field path.
 
-The sections grow with the orchestrator; today a scenario declares its nodes and the emulated links
-between them.
+Sections: `nodes`, `links` (emulated), `workload` (a DAG of tasks, or generated requests),
+`faults` (at given times), `expect` (checked at the end; a failed check fails the run).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agents.errors import ScenarioError
 
-__all__ = ["Link", "NodeSpec", "Scenario", "load_scenario"]
+__all__ = [
+    "Expectations",
+    "Fault",
+    "Generator",
+    "Link",
+    "NodeSpec",
+    "Scenario",
+    "Workload",
+    "WorkloadTask",
+    "load_scenario",
+]
 
 
 class _Strict(BaseModel):
@@ -60,6 +70,85 @@ class Link(_Strict):
         return self.latency_ms / 1000 + wire
 
 
+class WorkloadTask(_Strict):
+    """One task of the workload's DAG."""
+
+    id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+    """Unique name of the task."""
+    kind: str = Field(min_length=1)
+    """Task kind: which executor runs it (echo, sum, sleep, fail, python, escalate, or a backend's)."""
+    params: dict[str, Any] = {}
+    """Parameters for the executor."""
+    inputs: dict[str, str] = {}
+    """Input name -> id of the upstream task whose result it is."""
+    after: list[str] = []
+    """Tasks that must finish first without passing data."""
+    tier: Literal["device", "edge", "cloud"] | None = None
+    """Run only on a node of this tier."""
+    node: str | None = None
+    """Run only on this node."""
+    labels: dict[str, str] = {}
+    """Run only on nodes with these labels."""
+    cores: float = Field(default=1.0, ge=0)
+    """Cores the task needs on its node."""
+    memory_mb: int = Field(default=0, ge=0)
+    """Memory the task needs on its node."""
+    retries: int = Field(default=0, ge=0, le=100)
+    """Extra attempts after a failure."""
+    timeout_s: float | None = Field(default=None, gt=0)
+    """Cancel and count as failed after this long."""
+
+
+class Generator(_Strict):
+    """Independent requests instead of a DAG: `count` tasks of one kind."""
+
+    count: int = Field(ge=1, le=1_000_000)
+    """How many requests."""
+    kind: str = "echo"
+    """Task kind of each request."""
+    params: dict[str, Any] = {}
+    """Parameters of each request."""
+
+
+class Workload(_Strict):
+    """What the scenario runs: `tasks` (a DAG) and/or `generate` (independent requests)."""
+
+    tasks: list[WorkloadTask] = []
+    """The DAG's tasks."""
+    generate: Generator | None = None
+    """Independent requests added beside the DAG."""
+    timeout_s: float = Field(default=300.0, gt=0)
+    """Give up (and cancel what is left) after this long."""
+
+
+class Fault(_Strict):
+    """A fault injected at a given time after the run starts."""
+
+    at_s: float = Field(ge=0)
+    """When, in seconds from the start."""
+    action: Literal["kill_node", "restart_node", "partition", "heal", "slow_node", "restart_broker"]
+    """kill_node: the node dies (no goodbye); restart_node: it comes back; partition/heal: cut or
+    restore the link between `node` and `peer` both ways; slow_node: the node runs `factor` times
+    slower; restart_broker: the MQTT broker restarts (runs against a broker only)."""
+    node: str | None = None
+    """The node acted on."""
+    peer: str | None = None
+    """The other end, for partition and heal."""
+    factor: float = Field(default=3.0, gt=0)
+    """Slowdown factor, for slow_node."""
+
+
+class Expectations(_Strict):
+    """Checked at the end of the run; any that fails makes the run fail (exit code 1)."""
+
+    all_done: bool = True
+    """Every task ends done."""
+    min_reassigned: int = Field(default=0, ge=0)
+    """At least this many tasks were moved off a node that died or left."""
+    outputs: dict[str, Any] = {}
+    """Task id -> the result it must have."""
+
+
 class Scenario(_Strict):
     """A whole scenario file."""
 
@@ -71,16 +160,41 @@ class Scenario(_Strict):
     """Node id -> node."""
     links: list[Link] = []
     """Emulated links between nodes."""
+    workload: Workload = Field(default_factory=Workload)
+    """The tasks to run."""
+    faults: list[Fault] = []
+    """Faults to inject, by time."""
+    expect: Expectations = Field(default_factory=Expectations)
+    """What must hold at the end."""
 
     @model_validator(mode="after")
-    def _links_join_known_nodes(self) -> Scenario:
+    def _names_refer_to_known_things(self) -> Scenario:
+        def node(where: str, name: str | None) -> None:
+            if name is not None and name not in self.nodes:
+                raise ValueError(f"{where}: unknown node {name!r}; nodes are {sorted(self.nodes)}")
+
         for i, link in enumerate(self.links):
-            for end in ("src", "dst"):
-                name = getattr(link, end)
-                if name not in self.nodes:
-                    raise ValueError(
-                        f"links.{i}.{end}: unknown node {name!r}; nodes are {sorted(self.nodes)}"
-                    )
+            node(f"links.{i}.src", link.src)
+            node(f"links.{i}.dst", link.dst)
+        ids = [t.id for t in self.workload.tasks]
+        for i, task in enumerate(self.workload.tasks):
+            if ids.count(task.id) > 1:
+                raise ValueError(f"workload.tasks.{i}.id: task {task.id!r} is defined twice")
+            for field_name, refs in (("inputs", list(task.inputs.values())), ("after", task.after)):
+                for ref in refs:
+                    if ref not in ids:
+                        raise ValueError(f"workload.tasks.{i}.{field_name}: unknown task {ref!r}")
+            node(f"workload.tasks.{i}.node", task.node)
+        for i, fault in enumerate(self.faults):
+            if fault.action != "restart_broker" and fault.node is None:
+                raise ValueError(f"faults.{i}.node: {fault.action} needs a node")
+            node(f"faults.{i}.node", fault.node)
+            node(f"faults.{i}.peer", fault.peer)
+            if fault.action in ("partition", "heal") and fault.peer is None:
+                raise ValueError(f"faults.{i}.peer: {fault.action} needs a peer")
+        for task_id in self.expect.outputs:
+            if task_id not in ids:
+                raise ValueError(f"expect.outputs: unknown task {task_id!r}")
         return self
 
     def link(self, src: str, dst: str) -> Link | None:

@@ -36,10 +36,30 @@ def test_quickstart_runs_and_writes_a_report_with_the_design_keys(tmp_path: Path
     }
     assert report["ok"] is True
     assert set(report["tasks"]) == {"total", "done", "failed", "cancelled"}
+    assert report["tasks"]["done"] == report["tasks"]["total"] == 13  # 12 + one added by escalation
     assert set(report["nodes"]) == {"device-1", "edge-1", "cloud-1"}
     assert all(set(n) == {"tier", "segment", "tasks_run", "alive"} for n in report["nodes"].values())
-    assert {e["name"] for e in report["expectations"]} >= {"every node welcomed", "replayed hello refused"}
-    assert report["figures"]["chunks"] == 5
+    assert report["nodes"]["edge-1"]["alive"] is False
+    assert [f["kind"] for f in report["faults"]] == ["kill_node"]
+    assert report["figures"]["reassigned"] >= 1
+    assert report["outputs"]["total"] == 2.0
+
+
+def test_a_trace_has_one_track_per_node(tmp_path: Path) -> None:
+    trace_path = tmp_path / "trace.json"
+    assert main(["run", str(QUICKSTART), "--trace", str(trace_path)]) == 0
+    events = json.loads(trace_path.read_text())["traceEvents"]
+    tracks = {e["args"]["name"] for e in events if e["ph"] == "M"}
+    assert {"device-1", "cloud-1"} <= tracks
+    spans = [e for e in events if e["ph"] == "X"]
+    assert {e["name"] for e in spans} >= {"capture", "total", "notify"}
+
+
+def test_a_failed_expectation_fails_the_run(tmp_path: Path) -> None:
+    text = QUICKSTART.read_text().replace("total: 2.0", "total: 3.0")
+    path = tmp_path / "wrong.yaml"
+    path.write_text(text)
+    assert main(["run", str(path)]) == 1
 
 
 @pytest.mark.parametrize(
@@ -83,4 +103,4 @@ def test_the_installed_command_runs_the_quickstart() -> None:
         [str(flowloom), "run", str(QUICKSTART)], capture_output=True, text=True, check=False
     )
     assert done.returncode == 0, done.stderr
-    assert "activation crossed" in done.stdout
+    assert "13 done" in done.stdout and "killed edge-1" in done.stdout

@@ -1,0 +1,352 @@
+"""Runs a scenario in one process: its nodes on an in-process fabric, its workload, its faults.
+
+The nodes are real `Node`s and the orchestrator a real `Orchestrator`, on an `InprocHub`, with the
+scenario's links emulated by each sender. Faults are injected at their times; the report holds the
+task counts, each node's work, the faults, the expectations checked and the figures.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from agents.graph import TaskGraph
+from agents.journal import Journal
+from agents.node import Node
+from agents.orchestrator import JobEvent, Orchestrator
+from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
+from agents.scenario import Fault, Scenario
+from fabric import Endpoint, InprocHub, LinkSpec, LinkTable
+from protocol import Capabilities, Placement, Resources, TaskSpec
+
+__all__ = ["ORCHESTRATOR", "graph_of", "run_scenario", "write_trace"]
+
+ORCHESTRATOR = "orchestrator"
+HEARTBEAT_S = 0.2
+DEAD_AFTER_S = 1.0
+
+
+def graph_of(scenario: Scenario, job: str | None = None) -> TaskGraph:
+    """The scenario's workload as a task graph."""
+    specs = []
+    edges: list[tuple[str, str]] = []
+    for task in scenario.workload.tasks:
+        specs.append(
+            TaskSpec(
+                id=task.id,
+                kind=task.kind,
+                params=task.params,
+                inputs=task.inputs,
+                needs=Resources(cores=task.cores, memory_mb=task.memory_mb),
+                placement=Placement(tier=task.tier, node=task.node, labels=task.labels),
+                retries=task.retries,
+                timeout_s=task.timeout_s,
+            )
+        )
+        edges.extend((before, task.id) for before in task.after)
+    gen = scenario.workload.generate
+    if gen is not None:
+        specs.extend(TaskSpec(id=f"request-{i}", kind=gen.kind, params=gen.params) for i in range(gen.count))
+    return TaskGraph(job or scenario.name, specs, edges)
+
+
+def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
+    spec = scenario.nodes[node]
+    return Capabilities(
+        tier=spec.tier,
+        cores=spec.cores,
+        memory_mb=spec.memory_mb,
+        segment=spec.segment,
+        reachability="nat" if spec.nat else "public",
+        labels=spec.labels,
+    )
+
+
+def links_of(scenario: Scenario, node: str) -> LinkTable:
+    table = LinkTable()
+    for other in scenario.nodes:
+        link = scenario.link(node, other)
+        if link is not None:
+            table.set(
+                other,
+                LinkSpec(latency_ms=link.latency_ms, bandwidth_mbps=link.bandwidth_mbps, loss=link.loss),
+            )
+    return table
+
+
+def link_cost(scenario: Scenario) -> Callable[[str, str, int], float]:
+    def cost(src: str, dst: str, nbytes: int) -> float:
+        link = scenario.link(src, dst)
+        return 0.0 if link is None else link.transfer_s(nbytes)
+
+    return cost
+
+
+class _InprocCluster:
+    """The scenario's nodes on one hub; faults act on them."""
+
+    def __init__(self, scenario: Scenario, hub: InprocHub) -> None:
+        self.scenario = scenario
+        self.hub = hub
+        self.nodes: dict[str, Node] = {}
+        self.links: dict[str, LinkTable] = {}
+        self.slowdown: dict[str, float] = {}
+
+    async def start(self, node_id: str) -> None:
+        self.links[node_id] = links_of(self.scenario, node_id)
+        node = Node(
+            node_id,
+            self.hub.transport(node_id),
+            capabilities=capabilities_of(self.scenario, node_id),
+            heartbeat_s=HEARTBEAT_S,
+            dead_after_s=DEAD_AFTER_S,
+            links=self.links[node_id],
+            slowdown=self.slowdown.get(node_id, 1.0),
+        )
+        await node.start()
+        self.nodes[node_id] = node
+
+    async def inject(self, fault: Fault) -> str:
+        """Apply `fault`; return what was done, for the report."""
+        name = fault.node or ""
+        if fault.action == "kill_node":
+            await self.nodes[name].crash()
+            return f"killed {name}"
+        if fault.action == "restart_node":
+            if name in self.nodes and self.nodes[name].endpoint._state != "closed":
+                return f"{name} was running; not restarted"
+            await self.start(name)
+            return f"restarted {name}"
+        if fault.action == "slow_node":
+            self.slowdown[name] = fault.factor
+            self.nodes[name].slowdown = fault.factor
+            return f"{name} runs {fault.factor:g}x slower"
+        if fault.action in ("partition", "heal"):
+            peer = fault.peer or ""
+            for a, b in ((name, peer), (peer, name)):
+                link = self.scenario.link(a, b)
+                if fault.action == "partition":
+                    self.links[a].set(b, LinkSpec(loss=1.0))
+                else:
+                    spec = (
+                        None
+                        if link is None
+                        else LinkSpec(link.latency_ms, 0.0, link.bandwidth_mbps, link.loss)
+                    )
+                    self.links[a].set(b, spec)
+            return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
+        return "no broker in-process: skipped"
+
+    async def close(self) -> None:
+        for node in self.nodes.values():
+            await node.close(grace_s=0.0)
+
+
+async def run_scenario(
+    scenario: Scenario,
+    *,
+    on_event: Callable[[JobEvent], None] | None = None,
+    journal: Path | None = None,
+    resume: bool = False,
+) -> tuple[Report, Orchestrator]:
+    """Run `scenario` in-process; return its report and the orchestrator (events, stats)."""
+    hub = InprocHub()
+    cluster = _InprocCluster(scenario, hub)
+    started = time.monotonic()
+    faults: list[FaultRecord] = []
+    store = Journal(journal) if journal is not None else None
+    endpoint = Endpoint(
+        ORCHESTRATOR,
+        hub.transport(ORCHESTRATOR),
+        capabilities=Capabilities(tier="cloud", cores=1, memory_mb=0, task_kinds=[]),
+        heartbeat_s=HEARTBEAT_S,
+        dead_after_s=DEAD_AFTER_S,
+    )
+    try:
+        await endpoint.start()
+        for node_id in scenario.nodes:
+            await cluster.start(node_id)
+        for node_id in scenario.nodes:
+            await endpoint.wait_for_peer(node_id, timeout=10)
+            while (peer := endpoint.peers.get(node_id)) is None or peer.capabilities is None:
+                await asyncio.sleep(0.005)
+        orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
+        graph = Orchestrator.resume(store) if resume and store is not None else graph_of(scenario)
+
+        async def inject_faults() -> None:
+            for fault in sorted(scenario.faults, key=lambda f: f.at_s):
+                await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
+                what = await cluster.inject(fault)
+                faults.append(
+                    FaultRecord(at_s=round(time.monotonic() - started, 3), kind=fault.action, target=what)
+                )
+
+        injector = asyncio.create_task(inject_faults(), name="faults")
+        try:
+            await orchestrator.run(graph, timeout=scenario.workload.timeout_s)
+        finally:
+            injector.cancel()
+        wall = time.monotonic() - started
+        report = _report(
+            scenario, graph, orchestrator=orchestrator, cluster=cluster, faults=faults, wall=wall
+        )
+        return report, orchestrator
+    finally:
+        await cluster.close()
+        await endpoint.close()
+        if store is not None:
+            store.close()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return {"tensor": list(value.shape), "dtype": str(value.dtype)}
+    if isinstance(value, bytes):
+        return {"bytes": len(value)}
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _report(
+    scenario: Scenario,
+    graph: TaskGraph,
+    *,
+    orchestrator: Orchestrator,
+    cluster: _InprocCluster,
+    faults: list[FaultRecord],
+    wall: float,
+) -> Report:
+    counts = graph.counts()
+    ran = Counter(graph.task(t).node for t in graph.graph.nodes if graph.task(t).state == "done")
+    nodes = {
+        node_id: NodeReport(
+            tier=spec.tier,
+            segment=spec.segment,
+            tasks_run=ran.get(node_id, 0),
+            alive=cluster.nodes[node_id].endpoint._state == "running",
+        )
+        for node_id, spec in scenario.nodes.items()
+    }
+    sinks = [t for t in graph.graph.nodes if graph.graph.out_degree(t) == 0]
+    outputs = {t: _jsonable(graph.task(t).result) for t in sinks if graph.task(t).state == "done"}
+    expected = scenario.expect
+    checks: list[Expectation] = []
+    if expected.all_done:
+        not_done = [t for t in graph.graph.nodes if graph.task(t).state != "done"]
+        checks.append(
+            Expectation(
+                name="every task done",
+                ok=not not_done,
+                detail=f"{counts['done']} of {len(graph)} done"
+                + (f"; not done: {not_done[:5]}" if not_done else ""),
+            )
+        )
+    if expected.min_reassigned:
+        got = orchestrator.stats.reassigned
+        checks.append(
+            Expectation(
+                name="tasks reassigned off a lost node",
+                ok=got >= expected.min_reassigned,
+                detail=f"{got} reassigned (expected at least {expected.min_reassigned})",
+            )
+        )
+    for task_id, want in expected.outputs.items():
+        have = _jsonable(graph.task(task_id).result) if task_id in graph else None
+        checks.append(
+            Expectation(name=f"output of {task_id}", ok=have == want, detail=f"{have!r} (expected {want!r})")
+        )
+        outputs.setdefault(task_id, have)
+    stats = orchestrator.stats
+    figures = {
+        "wall_s": round(wall, 3),
+        "tasks_per_s": round(counts["done"] / wall, 1) if wall else 0.0,
+        "dispatched": stats.dispatched,
+        "reassigned": stats.reassigned,
+        "retries": stats.retries,
+        "timeouts": stats.timeouts,
+        "speculative": stats.speculative,
+        "ignored_results": stats.ignored_results,
+        "patches_applied": stats.patches_applied,
+        "patches_rejected": stats.patches_rejected,
+    }
+    return Report(
+        scenario=scenario.name,
+        ok=all(c.ok for c in checks),
+        wall_s=round(wall, 3),
+        tasks=TaskCounts(
+            total=len(graph),
+            done=counts["done"],
+            failed=counts["failed"] + counts["skipped"],
+            cancelled=counts["cancelled"],
+        ),
+        nodes=nodes,
+        faults=faults,
+        expectations=checks,
+        figures=figures,
+        outputs=outputs,
+    )
+
+
+def write_trace(events: list[JobEvent], path: str | Path) -> None:
+    """Write a Chrome/Perfetto trace (chrome://tracing, ui.perfetto.dev): one track per node.
+
+    Each task attempt is a span from its dispatch to its result (or its loss); faults, retries and
+    reassignments are instant markers on the node they concern.
+    """
+    pids: dict[str, int] = {}
+    out: list[dict[str, Any]] = []
+
+    def pid(node: str | None) -> int:
+        name = node or ORCHESTRATOR
+        if name not in pids:
+            pids[name] = len(pids) + 1
+            out.append({"ph": "M", "name": "process_name", "pid": pids[name], "args": {"name": name}})
+        return pids[name]
+
+    open_spans: dict[tuple[str, int | None], JobEvent] = {}
+    for event in events:
+        us = event.t * 1e6
+        if event.kind in ("dispatch", "speculate"):
+            open_spans[(event.task, event.attempt)] = event
+        elif event.kind == "done" or event.kind in ("reassign", "timeout"):
+            start = open_spans.pop((event.task, event.attempt), None)
+            if start is not None:
+                out.append(
+                    {
+                        "ph": "X",
+                        "name": event.task,
+                        "cat": event.kind,
+                        "pid": pid(start.node),
+                        "tid": 1,
+                        "ts": start.t * 1e6,
+                        "dur": max(1.0, us - start.t * 1e6),
+                        "args": {
+                            "attempt": event.attempt,
+                            "end": event.kind,
+                            "speculative": start.kind == "speculate",
+                        },
+                    }
+                )
+        if event.kind not in ("dispatch", "done", "progress"):
+            out.append(
+                {
+                    "ph": "i",
+                    "s": "p",
+                    "name": f"{event.kind} {event.task}",
+                    "pid": pid(event.node),
+                    "tid": 1,
+                    "ts": us,
+                    "args": {"detail": event.detail},
+                }
+            )
+    Path(path).write_text(json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}))
