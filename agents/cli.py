@@ -122,7 +122,14 @@ def _node(args: argparse.Namespace, console: Console) -> int:
 
 async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Console) -> int:
     transport = MqttTransport(args.broker, args.id, namespace=args.namespace)
-    node = Node(args.id, transport, capabilities=caps, heartbeat_s=args.heartbeat_s, bulk=args.bulk)
+    node = Node(
+        args.id,
+        transport,
+        capabilities=caps,
+        heartbeat_s=args.heartbeat_s,
+        bulk=args.bulk,
+        bulk_advertise=args.bulk_advertise,
+    )
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -162,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--nat", action="store_true", help="this node cannot be dialled")
     node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
     node.add_argument("--bulk", metavar="HOST:PORT", help="accept large tensors directly here")
+    node.add_argument("--bulk-advertise", metavar="HOST:PORT", help="the address peers dial for --bulk")
     node.add_argument("--heartbeat-s", type=float, default=1.0)
     node.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, time for running tasks")
     args = parser.parse_args(argv)
