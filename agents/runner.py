@@ -174,9 +174,7 @@ async def run_scenario(
         for node_id in scenario.nodes:
             await cluster.start(node_id)
         for node_id in scenario.nodes:
-            await endpoint.wait_for_peer(node_id, timeout=10)
-            while (peer := endpoint.peers.get(node_id)) is None or peer.capabilities is None:
-                await asyncio.sleep(0.005)
+            await endpoint.wait_for_peer(node_id, timeout=10, announced=True)
         orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
         graph = Orchestrator.resume(store) if resume and store is not None else graph_of(scenario)
 

@@ -727,9 +727,10 @@ async def mqtt_rr_and_blobs(
             raise RuntimeError(f"replier: expected 'ready', got {line!r}")
         tx = Endpoint("tx", MqttTransport(url, "tx", namespace=ns), heartbeat_s=HEARTBEAT_S)
         async with tx:
-            await tx.wait_for_peer("echo", READY_TIMEOUT)
+            await tx.wait_for_peer("echo", READY_TIMEOUT, announced=True)
             if path == "direct":
-                await _wait_for_bulk_address(tx, "echo")
+                if (peer := tx.peers.get("echo")) is None or peer.bulk is None:
+                    raise RuntimeError("echo did not announce a bulk address")
                 result.rr.append(await request_latencies(tx, "echo", settings.mqtt_calls, settings.warmup))
             pids = {"sender": os.getpid(), "broker": broker_pid, "receiver": proc.pid}
             blob_s = result.blob_s if path == "direct" else result.broker_blob_s
@@ -760,14 +761,6 @@ async def mqtt_rr_and_blobs(
                 )
     finally:
         await reap(proc)
-
-
-async def _wait_for_bulk_address(ep: Endpoint, node: str) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT
-    while (peer := ep.peers.get(node)) is None or peer.bulk is None:
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{node} did not announce a bulk address")
-        await asyncio.sleep(0.01)
 
 
 @contextlib.contextmanager

@@ -602,12 +602,21 @@ class Endpoint:
         """Call `listener` on every join, leave and death; it must not block."""
         self._listeners.append(listener)
 
-    async def wait_for_peer(self, node: str, timeout: float) -> None:
-        """Return once `node` is alive; raise `DeadlineExceeded` after `timeout` seconds."""
+    async def wait_for_peer(self, node: str, timeout: float, *, announced: bool = False) -> None:
+        """Return once `node` is alive; raise `DeadlineExceeded` after `timeout` seconds.
+
+        With `announced`, also wait for its `hello`, so its capabilities and bulk address are known.
+        """
         deadline = time.monotonic() + timeout
-        while node not in self.peers:
+
+        def ready() -> bool:
+            peer = self.peers.get(node)
+            return peer is not None and peer.alive and (not announced or peer.capabilities is not None)
+
+        while not ready():
             if time.monotonic() > deadline:
-                raise DeadlineExceeded(f"{self.node_id}: node {node!r} did not appear within {timeout:g}s")
+                what = "announce itself" if announced else "appear"
+                raise DeadlineExceeded(f"{self.node_id}: node {node!r} did not {what} within {timeout:g}s")
             await asyncio.sleep(min(0.01, self.heartbeat_s))
 
     def _on_presence(self, event: PresenceEvent) -> None:

@@ -35,8 +35,7 @@ class Cluster:
         )  # type: ignore[arg-type]
         await node.start()
         self.nodes[node_id] = node
-        await self.endpoint.wait_for_peer(node_id, timeout=30)
-        await eventually(lambda: self.endpoint.peers.get(node_id).capabilities is not None)  # type: ignore[union-attr]
+        await self.endpoint.wait_for_peer(node_id, timeout=30, announced=True)
         return node
 
     def orchestrator(self, **kwargs: object) -> Orchestrator:

@@ -7,7 +7,7 @@ import struct
 import numpy as np
 import pytest
 
-from fabric import LinkSpec, LinkTable
+from fabric import Endpoint, LinkSpec, LinkTable
 from fabric._bulk import BulkListener, BulkRefused, BulkSender
 from fabric.testing import free_port
 from protocol import (
@@ -33,12 +33,10 @@ def result(value: object) -> TaskResult:
     return TaskResult(job="j", task="t", attempt=0, value=value)
 
 
-async def knows_bulk_address(sender: object, node: str) -> None:
-    def known() -> bool:
-        peer = sender.peers.get(node)  # type: ignore[attr-defined]
-        return peer is not None and peer.bulk is not None
-
-    await eventually(known, what=f"{node}'s bulk address announced")
+async def knows_bulk_address(sender: Endpoint, node: str) -> None:
+    await sender.wait_for_peer(node, timeout=30, announced=True)
+    peer = sender.peers.get(node)
+    assert peer is not None and peer.bulk is not None, f"{node} announced no bulk address"
 
 
 async def test_a_64_mib_tensor_crosses_on_a_bulk_stream_intact(fabric: Harness) -> None:
