@@ -39,7 +39,7 @@ from typing import Any, Literal
 import numpy as np
 
 from agents.errors import PatchRejected
-from agents.graph import TaskGraph
+from agents.graph import FINISHED, TaskGraph
 from agents.journal import Journal
 from fabric import Endpoint, FabricError, PeerEvent
 from protocol import (
@@ -215,7 +215,7 @@ class Orchestrator:
                         await self._finished.wait()
                 except TimeoutError:
                     for task_id in list(graph.graph.nodes):
-                        if graph.task(task_id).state not in ("done", "failed", "cancelled", "skipped"):
+                        if graph.task(task_id).state not in FINISHED:
                             await self.cancel(task_id, f"job timed out after {timeout:g}s")
                 for bg in (receiver, dispatcher, watcher):
                     bg.cancel()
@@ -225,18 +225,20 @@ class Orchestrator:
                     attempt.timer.cancel()
         return graph
 
-    @classmethod
-    def resume(cls, journal: Journal, job: str | None = None) -> TaskGraph:
-        """Rebuild a job's graph from `journal`: finished tasks keep their results and states.
+    def resume(self, job: str | None = None) -> TaskGraph:
+        """Rebuild a job's graph from this orchestrator's journal (the last job unless named).
 
-        Pass the graph to `run` of an orchestrator built with the same journal to finish it.
+        Finished tasks keep their results and states, and new attempts are numbered after the
+        journaled ones; pass the graph to `run` to finish the job.
         """
+        journal = self.journal
+        if journal is None:
+            raise ValueError("resume needs an orchestrator built with a journal")
         jobs = journal.jobs()
         if not jobs:
             raise ValueError(f"journal {journal.path} holds no job")
         job = job or jobs[-1]
         graph: TaskGraph | None = None
-        attempts: dict[str, int] = {}
         for kind, env in journal.entries(job):
             body = env.body
             if kind == "job" and isinstance(body, GraphPatch):
@@ -247,7 +249,7 @@ class Orchestrator:
             elif kind == "patch" and isinstance(body, GraphPatch):
                 graph.apply(body.ops)
             elif kind == "dispatch" and isinstance(body, TaskAssign):
-                attempts[body.task] = max(attempts.get(body.task, 0), body.attempt + 1)
+                self._next_attempt[body.task] = max(self._next_attempt[body.task], body.attempt + 1)
             elif kind == "result" and isinstance(body, TaskResult):
                 if graph.task(body.task).state == "ready":
                     graph.mark_running(body.task, env.src)
@@ -260,7 +262,6 @@ class Orchestrator:
                 graph.mark_cancelled(body.task, body.reason)
         if graph is None:
             raise ValueError(f"journal {journal.path} has no graph for job {job!r}")
-        graph.resumed_attempts = attempts  # type: ignore[attr-defined]
         return graph
 
     def patch(self, ops: Sequence[PatchOp], *, source: str = "api") -> None:
@@ -283,7 +284,7 @@ class Orchestrator:
         """Cancel a task (on its node too); everything downstream is skipped."""
         graph = self._graph()
         task = graph.task(task_id)
-        if task.state in ("done", "failed", "cancelled", "skipped"):
+        if task.state in FINISHED:
             return
         for attempt in self._drop_attempts(task_id):
             with contextlib.suppress(FabricError):
@@ -307,9 +308,6 @@ class Orchestrator:
     # dispatching -----------------------------------------------------------------------------
 
     async def _dispatch_loop(self) -> None:
-        resumed = getattr(self._graph(), "resumed_attempts", {})
-        for task_id, next_attempt in resumed.items():
-            self._next_attempt[task_id] = max(self._next_attempt[task_id], next_attempt)
         self._check_finished()
         while True:
             await self._dispatch_ready()

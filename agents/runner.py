@@ -176,7 +176,7 @@ async def run_scenario(
         for node_id in scenario.nodes:
             await endpoint.wait_for_peer(node_id, timeout=10, announced=True)
         orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
-        graph = Orchestrator.resume(store) if resume and store is not None else graph_of(scenario)
+        graph = orchestrator.resume() if resume and store is not None else graph_of(scenario)
 
         async def inject_faults() -> None:
             for fault in sorted(scenario.faults, key=lambda f: f.at_s):

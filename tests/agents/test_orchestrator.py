@@ -219,14 +219,14 @@ async def test_a_journaled_job_resumes_without_redoing_finished_tasks(
     job.cancel()  # the orchestrator stops with c still running
     with pytest.raises(asyncio.CancelledError):
         await job
-    graph = Orchestrator.resume(journal)
+    second = cluster.orchestrator(journal=journal)
+    graph = second.resume()
     assert {t: graph.task(t).state for t in "abcd"} == {
         "a": "done",
         "b": "done",
         "c": "ready",
         "d": "pending",
     }
-    second = cluster.orchestrator(journal=journal)
     await second.run(graph, timeout=60)
     assert graph.task("d").result == pytest.approx(2.5)
     assert second.stats.dispatched == 2  # c and d only: a and b were not run again
