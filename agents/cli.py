@@ -14,10 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from agents.errors import ScenarioError
+from agents.graph import TaskGraph
 from agents.node import Node
 from agents.orchestrator import JobEvent
 from agents.report import Report
-from agents.runner import graph_of, run_scenario, write_trace
+from agents.runner import run_scenario, write_trace
 from agents.scenario import load_scenario
 from fabric import MqttTransport
 from protocol import Capabilities
@@ -36,7 +37,6 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     console.print(f"[bold]{scenario.name}[/bold]: {scenario.description.strip()}")
     if args.broker:
         raise ScenarioError("--broker: running against node daemons is not built yet; run in-process")
-    total = len(graph_of(scenario))
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -45,7 +45,10 @@ def _run(args: argparse.Namespace, console: Console) -> int:
         console=console,
         transient=False,
     )
-    bar = progress.add_task("tasks", total=total)
+    bar = progress.add_task("tasks", total=None)
+
+    def on_start(graph: TaskGraph) -> None:  # a resumed job starts with some tasks done
+        progress.update(bar, total=len(graph), completed=graph.counts()["done"])
 
     def on_event(event: JobEvent) -> None:
         if event.kind == "done":
@@ -61,7 +64,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     journal = Path(args.journal) if args.journal else None
     with progress:
         report, orchestrator = asyncio.run(
-            run_scenario(scenario, on_event=on_event, journal=journal, resume=args.resume)
+            run_scenario(scenario, on_event=on_event, on_start=on_start, journal=journal, resume=args.resume)
         )
     _print_report(report, console)
     if args.report:

@@ -153,10 +153,14 @@ async def run_scenario(
     scenario: Scenario,
     *,
     on_event: Callable[[JobEvent], None] | None = None,
+    on_start: Callable[[TaskGraph], None] | None = None,
     journal: Path | None = None,
     resume: bool = False,
 ) -> tuple[Report, Orchestrator]:
-    """Run `scenario` in-process; return its report and the orchestrator (events, stats)."""
+    """Run `scenario` in-process; return its report and the orchestrator (events, stats).
+
+    `on_start` gets the job's graph (fresh, or rebuilt from the journal with `resume`) before it runs.
+    """
     hub = InprocHub()
     cluster = _InprocCluster(scenario, hub)
     started = time.monotonic()
@@ -177,6 +181,8 @@ async def run_scenario(
             await endpoint.wait_for_peer(node_id, timeout=10, announced=True)
         orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
         graph = orchestrator.resume() if resume and store is not None else graph_of(scenario)
+        if on_start is not None:
+            on_start(graph)
 
         async def inject_faults() -> None:
             for fault in sorted(scenario.faults, key=lambda f: f.at_s):
