@@ -254,8 +254,7 @@ class Orchestrator:
                 if graph.task(body.task).state == "ready":
                     graph.mark_running(body.task, env.src)
                     graph.mark_done(body.task, body.value)
-                if body.patch:
-                    graph.apply(body.patch)
+                # A result's patch, if it was applied, has its own "patch" entry right after.
             elif kind == "failed" and isinstance(body, TaskFailed):
                 graph.mark_failed(body.task, body.message)
             elif kind == "cancelled" and isinstance(body, TaskCancel):

@@ -55,6 +55,21 @@ def test_a_trace_has_one_track_per_node(tmp_path: Path) -> None:
     assert {e["name"] for e in spans} >= {"capture", "total", "notify"}
 
 
+def test_a_journaled_run_resumes_from_its_journal(tmp_path: Path) -> None:
+    # The resumed run reassigns nothing, so it is checked without the quickstart's min_reassigned.
+    scenario = tmp_path / "journaled.yaml"
+    scenario.write_text(QUICKSTART.read_text().replace("min_reassigned: 1", "min_reassigned: 0"))
+    journal = tmp_path / "job.sqlite"
+    assert main(["run", str(scenario), "--journal", str(journal)]) == 0
+    report_path = tmp_path / "report.json"
+    # Everything was done: the resumed run rebuilds the job (its escalation patch once) and ends at once.
+    resumed = ["run", str(scenario), "--journal", str(journal), "--resume", "--report", str(report_path)]
+    assert main(resumed) == 0
+    report = json.loads(report_path.read_text())
+    assert report["tasks"]["done"] == report["tasks"]["total"] == 13
+    assert report["figures"]["dispatched"] == 0
+
+
 def test_a_failed_expectation_fails_the_run(tmp_path: Path) -> None:
     text = QUICKSTART.read_text().replace("total: 2.0", "total: 3.0")
     path = tmp_path / "wrong.yaml"
