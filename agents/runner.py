@@ -74,17 +74,14 @@ def links_of(scenario: Scenario, node: str) -> LinkTable:
     for other in scenario.nodes:
         link = scenario.link(node, other)
         if link is not None:
-            table.set(
-                other,
-                LinkSpec(latency_ms=link.latency_ms, bandwidth_mbps=link.bandwidth_mbps, loss=link.loss),
-            )
+            table.set(other, link.spec())
     return table
 
 
 def link_cost(scenario: Scenario) -> Callable[[str, str, int], float]:
     def cost(src: str, dst: str, nbytes: int) -> float:
         link = scenario.link(src, dst)
-        return 0.0 if link is None else link.transfer_s(nbytes)
+        return 0.0 if link is None else link.spec().transfer_s(nbytes)
 
     return cost
 
@@ -135,12 +132,7 @@ class _InprocCluster:
                 if fault.action == "partition":
                     self.links[a].set(b, LinkSpec(loss=1.0))
                 else:
-                    spec = (
-                        None
-                        if link is None
-                        else LinkSpec(link.latency_ms, 0.0, link.bandwidth_mbps, link.loss)
-                    )
-                    self.links[a].set(b, spec)
+                    self.links[a].set(b, None if link is None else link.spec())
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
         return "no broker in-process: skipped"
 

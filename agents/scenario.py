@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from agents.errors import ScenarioError
+from fabric import LinkSpec
 
 __all__ = [
     "Expectations",
@@ -64,10 +65,9 @@ class Link(_Strict):
     symmetric: bool = True
     """Also emulate dst -> src with the same figures."""
 
-    def transfer_s(self, nbytes: int) -> float:
-        """Modelled time to move `nbytes` over this link: latency plus serialisation."""
-        wire = 0.0 if self.bandwidth_mbps is None else nbytes * 8 / (self.bandwidth_mbps * 1e6)
-        return self.latency_ms / 1000 + wire
+    def spec(self) -> LinkSpec:
+        """The fabric's emulation of this link (which also models its transfer time)."""
+        return LinkSpec(latency_ms=self.latency_ms, bandwidth_mbps=self.bandwidth_mbps, loss=self.loss)
 
 
 class WorkloadTask(_Strict):
