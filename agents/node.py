@@ -128,6 +128,11 @@ class Node:
         self._state = "running"
         self._serve = asyncio.create_task(self._receive(), name=f"node:{self.node_id}")
 
+    @property
+    def closed(self) -> bool:
+        """True once the node closed or crashed."""
+        return self._state == "closed"
+
     async def wait_closed(self) -> None:
         """Return once the node is closed (for daemons)."""
         await self._closed.wait()

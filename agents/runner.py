@@ -117,7 +117,7 @@ class _InprocCluster:
             await self.nodes[name].crash()
             return f"killed {name}"
         if fault.action == "restart_node":
-            if name in self.nodes and self.nodes[name].endpoint._state != "closed":
+            if name in self.nodes and not self.nodes[name].closed:
                 return f"{name} was running; not restarted"
             await self.start(name)
             return f"restarted {name}"
@@ -229,7 +229,7 @@ def _report(
             tier=spec.tier,
             segment=spec.segment,
             tasks_run=ran.get(node_id, 0),
-            alive=cluster.nodes[node_id].endpoint._state == "running",
+            alive=not cluster.nodes[node_id].closed,
         )
         for node_id, spec in scenario.nodes.items()
     }
