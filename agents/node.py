@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agents.errors import ExecutorFailed, UnknownTaskKind
@@ -64,6 +64,11 @@ class _Run:
     body: TaskAssign
     task: asyncio.Task[None] | None = None
     started: bool = False
+    ids: dict[str, Any] = field(init=False)
+    """job, task and attempt: the fields every answer about this run starts with."""
+
+    def __post_init__(self) -> None:
+        self.ids = {"job": self.body.job, "task": self.body.task, "attempt": self.body.attempt}
 
 
 class Node:
@@ -232,8 +237,7 @@ class Node:
     # running ---------------------------------------------------------------------------------
 
     async def _run(self, run: _Run) -> None:
-        body, key = run.body, (run.body.job, run.body.task, run.body.attempt)
-        ids: dict[str, Any] = {"job": body.job, "task": body.task, "attempt": body.attempt}
+        body, key, ids = run.body, (run.body.job, run.body.task, run.body.attempt), run.ids
         try:
             try:
                 async with self._slots:
@@ -252,8 +256,7 @@ class Node:
             self._runs.pop(key, None)
 
     async def _execute(self, run: _Run) -> TaskResult | TaskFailed:
-        body = run.body
-        ids: dict[str, Any] = {"job": body.job, "task": body.task, "attempt": body.attempt}
+        body, ids = run.body, run.ids
         seq = 0
 
         async def progress(fraction: float | None, message: str, data: Any) -> None:
