@@ -35,7 +35,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from fabric._bulk import BulkListener, BulkRefused, BulkSender
+from fabric._bulk import TRANSFER_MIN_RATE, BulkListener, BulkRefused, BulkSender
 from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable, TransportError
 from fabric._links import LinkTable
 from fabric._peers import PeerEvent, PeerTable
@@ -46,6 +46,7 @@ from protocol import (
     SUPPORTED_VERSIONS,
     BlobChunk,
     BlobRef,
+    BulkStatus,
     Bye,
     Capabilities,
     Envelope,
@@ -58,6 +59,7 @@ from protocol import (
     decode,
     encode,
     encode_parts,
+    node_digest,
     split_blob,
 )
 
@@ -83,6 +85,7 @@ class EndpointStats:
     duplicates: int = 0
     malformed: int = 0
     expired: int = 0
+    """Envelopes dropped because their deadline passed: on arrival, or before a bulk send ended."""
     blobs_sent: int = 0
     blobs_received: int = 0
     chunks_sent: int = 0
@@ -232,14 +235,19 @@ class Endpoint:
             if bulk is None
             else BulkListener(
                 bulk,
+                node_id=node_id,
                 advertise=bulk_advertise,
                 max_frame_bytes=self._reassembler.max_transfer_bytes,
+                # one budget for chunked and bulk transfers together
                 max_stored_bytes=self._reassembler.max_buffered_bytes,
+                also_held=lambda: self._reassembler.buffered_bytes,
                 idle_timeout_s=self._reassembler.idle_timeout_s,
-                name=node_id,
             )
         )
-        self._bulk_sender = BulkSender()
+        if self._bulk_listener is not None:
+            listener = self._bulk_listener
+            self._reassembler.also_held = lambda: listener.held_bytes
+        self._bulk_sender = BulkSender(node_id)
         self._bulk_down: dict[str, float] = {}  # address -> monotonic time until which it is not tried
         self._chunk_size = chunk_size
         self._max_frame = max_frame
@@ -247,6 +255,11 @@ class Endpoint:
         self._listeners: list[Callable[[PeerEvent], None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
         self._background: asyncio.Task[None] | None = None
+
+    @property
+    def bulk_listener(self) -> BulkListener | None:
+        """The listener for direct bulk streams (its address, stats, held bytes), if any."""
+        return self._bulk_listener
 
     # lifecycle -------------------------------------------------------------------------------
 
@@ -376,6 +389,12 @@ class Endpoint:
         if size <= self._chunk_size + _FRAME_SLACK:
             await self._transmit(env.dst, single if single is not None else b"".join(parts))
         elif not await self._send_bulk(env, parts, size):
+            if env.deadline is not None and env.deadline < time.time():
+                self.stats.expired += 1  # it would be dropped on arrival anyway
+                log.warning(
+                    "%s: %s to %s expired before it could be sent; dropped", self.node_id, env.kind, env.dst
+                )
+                return
             # Chunks are made lazily and each waits for room downstream: bounded memory at any size.
             for chunk in split_blob(parts, chunk_size=self._chunk_size):
                 chunk_env = Envelope.new(
@@ -387,7 +406,12 @@ class Endpoint:
         self.stats.sent += 1
 
     async def _send_bulk(self, env: Envelope, parts: Sequence[Any], size: int) -> bool:
-        """Send a large envelope on a direct bulk stream; False when it must go as chunks instead."""
+        """Send a large envelope on a direct bulk stream; False when it must go as chunks instead.
+
+        An address is skipped for `BULK_RETRY_S` after it could not be dialled, broke a stream or
+        turned out to be another node's; a refusal for want of room, or a slow transfer, says
+        nothing about the address.
+        """
         peer = self.peers.get(env.dst)
         address = peer.bulk if peer is not None and peer.alive else None
         if address is None or (self.links is not None and self.links.spec(env.dst) is not None):
@@ -401,9 +425,10 @@ class Endpoint:
             timeout = max(0.001, min(timeout, env.deadline - time.time()))
         transfer = secrets.token_hex(16)  # unguessable: only our blob.ref can claim these bytes
         try:
-            size, crc = await self._bulk_sender.push(address, transfer, parts, timeout)
-        except TransportError as exc:
-            if not isinstance(exc, BulkRefused):
+            size, crc = await self._bulk_sender.push(address, env.dst, transfer, parts, timeout)
+        except (TransportError, DeadlineExceeded) as exc:
+            broken = not isinstance(exc, (BulkRefused, DeadlineExceeded))
+            if broken or (isinstance(exc, BulkRefused) and exc.status == BulkStatus.WRONG_NODE):
                 self._bulk_down[address] = time.monotonic() + BULK_RETRY_S
             self.stats.bulk_fallbacks += 1
             log.warning("%s: sending %s to %s as chunks instead: %s", self.node_id, env.kind, env.dst, exc)
@@ -536,6 +561,8 @@ class Endpoint:
         self.peers.seen(env.src)
         if env.deadline is not None and env.deadline < time.time():
             self.stats.expired += 1
+            if isinstance(env.body, BlobRef) and self._bulk_listener is not None:
+                self._bulk_listener.discard(env.body.transfer)  # nobody else will claim it
             return
         body = env.body
         if isinstance(body, Heartbeat):
@@ -562,7 +589,7 @@ class Endpoint:
             log.warning("%s: dropped a chunked transfer from %s: %s", self.node_id, env.src, exc)
             return
         if payload is not None:
-            await self._deliver_payload(env, payload, "chunked transfer")
+            await self._deliver_payload(env, payload, "chunked transfer", chunk.size)
 
     async def _on_blob_ref(self, env: Envelope, ref: BlobRef) -> None:
         if self._bulk_listener is None:
@@ -575,13 +602,20 @@ class Endpoint:
             self.stats.blob_errors += 1
             log.warning("%s: dropped a bulk transfer from %s: %s", self.node_id, env.src, exc)
             return
-        if await self._deliver_payload(env, payload, "bulk transfer"):
+        if await self._deliver_payload(env, payload, "bulk transfer", ref.size):
             self.stats.bulk_received += 1
 
-    async def _deliver_payload(self, env: Envelope, payload: Any, how: str) -> bool:
-        """Decode the envelope a transfer carried and dispatch it; False (counted) when refused."""
+    async def _deliver_payload(self, env: Envelope, payload: Any, how: str, size: int) -> bool:
+        """Decode the envelope a transfer carried and dispatch it; False (counted) when refused.
+
+        The envelope was signed before its transfer began, so on a signing fabric its timestamp
+        may be older than the skew allows by as long as a transfer of its size may take.
+        """
+        grace = self._reassembler.idle_timeout_s + size / TRANSFER_MIN_RATE
         try:
-            inner = decode(payload, verifier=self._verifier, max_size=self._reassembler.max_transfer_bytes)
+            inner = decode(
+                payload, verifier=self._verifier, grace_s=grace, max_size=self._reassembler.max_transfer_bytes
+            )
         except ProtocolError as exc:
             self.stats.blob_errors += 1
             log.warning("%s: dropped a %s from %s: %s", self.node_id, how, env.src, exc)
@@ -665,4 +699,5 @@ class Endpoint:
             self.peers.sweep()
             self._reassembler.expire()  # a transfer cut off mid-way frees its buffer in time
             if self._bulk_listener is not None:
-                self._bulk_listener.expire()
+                alive = {node_digest(peer.node) for peer in self.peers.alive()}
+                self._bulk_listener.expire(alive.__contains__)

@@ -9,7 +9,15 @@ activation formats, chunking of large payloads, and HMAC signing with replay def
 True
 """
 
-from protocol._bulk import BULK_HEADER_SIZE, BULK_MAGIC, BulkStatus, pack_bulk_header, unpack_bulk_header
+from protocol._bulk import (
+    BULK_HEADER_SIZE,
+    BULK_MAGIC,
+    BulkHeader,
+    BulkStatus,
+    node_digest,
+    pack_bulk_header,
+    unpack_bulk_header,
+)
 from protocol._chunking import CHUNK_SIZE, Reassembler, split_blob
 from protocol._codec import DEFAULT_MAX_FRAME, decode, encode, encode_parts
 from protocol._envelope import PROTOCOL_VERSION, SUPPORTED_VERSIONS, Envelope
@@ -77,6 +85,7 @@ __all__ = [
     "BlobChunk",
     "BlobRef",
     "Body",
+    "BulkHeader",
     "BulkStatus",
     "Bye",
     "Capabilities",
@@ -121,6 +130,7 @@ __all__ = [
     "encode_parts",
     "negotiate_version",
     "new_id",
+    "node_digest",
     "pack_bulk_header",
     "split_blob",
     "unpack_bulk_header",

@@ -111,6 +111,8 @@ class Reassembler:
         # Transfers completed within `idle_timeout_s`: their redelivered chunks are ignored.
         self._completed: OrderedDict[tuple[str, str], float] = OrderedDict()
         self._buffered = 0
+        self.also_held: Callable[[], int] = lambda: 0
+        """Bytes held elsewhere that count against `max_buffered_bytes` too (a bulk listener's)."""
         self.expired = 0
         """Number of partial transfers dropped by `expire` so far."""
 
@@ -188,9 +190,10 @@ class Reassembler:
         else:
             raise ChunkError(f"{where}: offset {chunk.offset} is not a multiple of index {chunk.index}")
         _check_geometry(chunk, chunk_size, where)
-        if self._buffered + chunk.size + chunk.count > self.max_buffered_bytes:
+        held = self._buffered + self.also_held()
+        if held + chunk.size + chunk.count > self.max_buffered_bytes:
             raise TooLargeError(
-                f"{where}: reassembly buffers hold {self._buffered} bytes; {chunk.size} more would "
+                f"{where}: reassembly buffers hold {held} bytes; {chunk.size} more would "
                 f"exceed the limit of {self.max_buffered_bytes}"
             )
         partial = _Partial(

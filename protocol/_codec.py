@@ -56,9 +56,17 @@ class _HasTensor(Exception):
     """Raised inside msgpack's default hook to switch to the scatter-gather encoder."""
 
 
+def _fields(model: BaseModel) -> dict[str, Any]:
+    """A model's fields as written on the wire: `WireModel.WIRE_OMIT_NONE` fields only when set."""
+    omit: frozenset[str] = getattr(model, "WIRE_OMIT_NONE", frozenset())
+    if omit:
+        return {k: v for k, v in model.__dict__.items() if v is not None or k not in omit}
+    return model.__dict__
+
+
 def _default(obj: object) -> object:
     if isinstance(obj, BaseModel):
-        return obj.__dict__
+        return _fields(obj)
     if isinstance(obj, Lossy) or is_tensor(obj):
         raise _HasTensor
     raise EncodeError(f"cannot encode a value of type {type(obj).__module__}.{type(obj).__qualname__}")
@@ -113,13 +121,15 @@ def decode(
     *,
     verifier: Verifier | None = None,
     fresh: bool = True,
+    grace_s: float = 0.0,
     max_size: int = DEFAULT_MAX_FRAME,
 ) -> Envelope:
     """Decode one frame into a validated `Envelope`.
 
     Raises only `ProtocolError` subclasses, whatever the bytes. With `verifier`, the envelope must
     also be signed by a known key, fresh, and not seen before; ``fresh=False`` checks only the
-    signature (for frames that are old by design, such as retained presence).
+    signature (for frames that are old by design, such as retained presence), and `grace_s`
+    accepts a timestamp that much older (see `Verifier.check`).
 
     Tensors in frames of at least `ZERO_COPY_MIN` bytes are views on `data`, so do not reuse or
     modify `data` while they are in use. Numpy arrays over `bytes` are read-only; torch has no
@@ -143,7 +153,7 @@ def decode(
             raise
         raise error from (None if isinstance(exc, ValidationError) else exc)
     if verifier is not None:
-        verifier.check(envelope, view, fresh=fresh)
+        verifier.check(envelope, view, fresh=fresh, grace_s=grace_s)
     return envelope
 
 
@@ -259,7 +269,7 @@ class _PartsWriter:
         if depth > _MAX_DEPTH:
             raise EncodeError(f"value nests deeper than {_MAX_DEPTH} levels")
         if isinstance(obj, BaseModel):
-            obj = obj.__dict__
+            obj = _fields(obj)
         if isinstance(obj, dict):
             self._buf += _container_header(len(obj), 0x80, 0xDE, 0xDF)
             for key, value in obj.items():

@@ -72,13 +72,16 @@ class Capabilities(WireModel):
 class Hello(WireModel):
     """First message of a node joining a fabric; answered by `welcome` or an `error`."""
 
+    WIRE_OMIT_NONE = frozenset({"bulk"})
+
     kind: Literal["hello"] = "hello"
     versions: list[int] = Field(min_length=1)
     """Protocol versions the sender can speak."""
     capabilities: Capabilities
     """What the sender is and can run."""
     bulk: HostPort | None = None
-    """Where this node accepts direct bulk streams (see `blob.ref`); absent: send it chunks only."""
+    """Where this node accepts direct bulk streams (see `blob.ref`); absent: send it chunks only.
+    Host labels of 1-63 characters (at most 253 in all) or an IPv6 address in brackets; port 1-65535."""
 
 
 class Welcome(WireModel):

@@ -86,11 +86,14 @@ class Verifier:
         self._seen: OrderedDict[str, float] = OrderedDict()
         self._floor = 0.0
 
-    def check(self, envelope: Envelope, frame: Buffer, *, fresh: bool = True) -> None:
+    def check(self, envelope: Envelope, frame: Buffer, *, fresh: bool = True, grace_s: float = 0.0) -> None:
         """Raise `BadSignatureError`, `StaleError` or `ReplayError`, or remember the id and return.
 
         With ``fresh=False`` only the signature is checked: for frames that are old by design,
-        such as retained presence announcements.
+        such as retained presence announcements. `grace_s` accepts a timestamp up to that much
+        older than `max_skew_s` allows, for an envelope that arrived inside a transfer (chunks or a
+        bulk stream) that took long: its carrier, checked without grace, vouches that it is fresh.
+        Its id is refused when already accepted, within the grace too.
         """
         who = f"envelope {envelope.id} from {envelope.src!r}"
         if envelope.sig is None or envelope.kid is None:
@@ -109,15 +112,17 @@ class Verifier:
             return
         now = self._clock()
         age = now - envelope.ts
-        if abs(age) > self.max_skew_s:
-            raise StaleError(
-                f"{who}: timestamp is {age:+.1f}s from this clock; accepted skew is +-{self.max_skew_s:g}s"
-            )
-        if envelope.ts <= self._floor:
+        if age > self.max_skew_s + grace_s or age < -self.max_skew_s:
+            accepted = f"+-{self.max_skew_s:g}s" + (f" (+{grace_s:g}s for its transfer)" if grace_s else "")
+            raise StaleError(f"{who}: timestamp is {age:+.1f}s from this clock; accepted skew is {accepted}")
+        # Inside a transfer the carrier already passed the horizon check; the floor could refuse
+        # a frame older than it that its own transfer made old.
+        if not grace_s and envelope.ts <= self._floor:
             raise StaleError(f"{who}: timestamp is at or below the replay horizon {self._floor:.3f}")
         if envelope.id in self._seen:
             raise ReplayError(f"{who} was already accepted (replayed id)")
-        self._remember(envelope.id, envelope.ts, now)
+        # Kept until it is stale even with its grace, so it cannot be replayed within it.
+        self._remember(envelope.id, envelope.ts + grace_s, now)
 
     def _remember(self, envelope_id: str, ts: float, now: float) -> None:
         seen = self._seen

@@ -88,6 +88,8 @@ def _field_table(model: type[BaseModel]) -> str:
             value = value.model_dump()
         default = "" if name in required else f"`{json.dumps(value)}`"
         desc = " ".join(prop.get("description", "").split()).replace("|", "\\|")
+        if name in getattr(model, "WIRE_OMIT_NONE", ()):
+            desc += " *Omitted when unset.*"
         kind = _type(prop).replace("|", "\\|")
         rows.append(f"| `{name}` | {kind} | {'yes' if name in required else 'no'} | {default} | {desc} |")
     return "\n".join(rows)
@@ -136,7 +138,9 @@ def render() -> str:
         "## Frames",
         "",
         "A frame is exactly one [msgpack](https://msgpack.org/) value: a map whose keys are the envelope "
-        "fields below. Encoders write every key, in this order, unset optional fields as `nil`; decoders "
+        "fields below. Encoders write every key, in this order, unset optional fields as `nil`, except "
+        "optional fields added to a version after its first release (marked *omitted when unset*), "
+        "which are left out so that peers predating them still decode the frame; decoders "
         "accept any order and absent optional keys, except that `sig` must be the last entry of a "
         "signed frame. "
         "Strings are UTF-8 `str`; bytes are `bin`; integers use the smallest msgpack int that fits; "
@@ -257,8 +261,9 @@ def render() -> str:
         "the stored envelope when the `blob.ref` arrives, so it keeps its place among the sender's "
         "other messages; decode it like a reassembled chunked payload (signature, freshness, same "
         "`src` as the `blob.ref`), and refuse it unless its size and CRC-32C match the `blob.ref`. "
-        "A stored frame that no `blob.ref` claims is dropped after the idle timeout. A sender falls back "
-        "to `blob.chunk` whenever the stream fails or is refused.",
+        "A stored frame waits for its `blob.ref` while its sender is alive (the `blob.ref` may queue behind "
+        "other messages); it is dropped once its sender is gone, or its `blob.ref` arrives expired. A "
+        "sender falls back to `blob.chunk` whenever the stream fails or is refused.",
         "",
         "```",
         (bulk_doc or "").split("Per transfer:")[1].split("After a refusal")[0].strip("\n"),

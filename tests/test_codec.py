@@ -40,6 +40,7 @@ from protocol import (
     encode_parts,
     negotiate_version,
     new_id,
+    node_digest,
     pack_bulk_header,
     unpack_bulk_header,
 )
@@ -212,18 +213,45 @@ def test_a_bulk_address_is_host_and_port(address: str) -> None:
     assert Hello(versions=[1], capabilities=CAPS, bulk=address).bulk == address
 
 
-@pytest.mark.parametrize("address", ["10.0.0.7", ":7000", "a b:1", "::1:7000", "host:port"])
+@pytest.mark.parametrize(
+    "address",
+    [
+        "10.0.0.7",
+        ":7000",
+        "a b:1",
+        "::1:7000",
+        "host:port",
+        "host:0",
+        "host:70000",
+        "a..b:1",
+        "-a:1",
+        "[zz]:1",
+    ],
+)
 def test_a_bulk_address_without_host_and_port_is_refused(address: str) -> None:
     with pytest.raises(ValidationError, match="bulk"):
         Hello(versions=[1], capabilities=CAPS, bulk=address)
 
 
+def test_a_hello_without_a_bulk_address_leaves_the_field_out() -> None:
+    """A field added to v1 later is written only when set, so peers that predate it still decode."""
+    hello = Envelope.new(src="a", dst="*", body=Hello(versions=[1], capabilities=CAPS))
+    wire = msgpack.unpackb(encode(hello))
+    assert "bulk" not in wire["body"] and "capabilities" in wire["body"]
+    assert decode(encode(hello)).body.bulk is None
+    with_bulk = hello.model_copy(update={"body": Hello(versions=[1], capabilities=CAPS, bulk="h:1")})
+    assert msgpack.unpackb(encode(with_bulk))["body"]["bulk"] == "h:1"
+
+
 def test_a_bulk_header_round_trips_and_bad_headers_name_the_fault() -> None:
     transfer = new_id()
-    header = pack_bulk_header(transfer, 1 << 26)
+    header = pack_bulk_header(transfer, 1 << 26, src="device-1", dst="edge-1")
     assert len(header) == BULK_HEADER_SIZE
-    assert unpack_bulk_header(header) == (transfer, 1 << 26)
-    with pytest.raises(DecodeError, match="expected b'FLB1'"):
+    assert unpack_bulk_header(header) == (transfer, node_digest("device-1"), node_digest("edge-1"), 1 << 26)
+    assert node_digest("edge-1") != node_digest("edge-2")
+    with pytest.raises(DecodeError, match="expected b'FLB2'"):
         unpack_bulk_header(b"HTTP" + header[4:])
-    with pytest.raises(DecodeError, match="27 bytes"):
+    with pytest.raises(DecodeError, match="FLB1, which this node no longer speaks"):
+        unpack_bulk_header(b"FLB1" + header[4:])
+    with pytest.raises(DecodeError, match=f"{BULK_HEADER_SIZE - 1} bytes"):
         unpack_bulk_header(header[:-1])

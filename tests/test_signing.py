@@ -97,6 +97,19 @@ def test_timestamps_outside_the_skew_are_stale() -> None:
         decode(frame, verifier=Verifier({"k1": KEY}, clock=Clock(env.ts - 45)))
 
 
+def test_an_envelope_from_a_long_transfer_is_accepted_within_its_grace_once() -> None:
+    env = beat()
+    frame = encode(env, signer=Signer("k1", KEY))
+    verifier = Verifier({"k1": KEY}, clock=Clock(env.ts + 45))
+    with pytest.raises(StaleError, match=r"accepted skew is \+-30s \(\+10s for its transfer\)"):
+        decode(frame, verifier=verifier, grace_s=10)
+    assert decode(frame, verifier=verifier, grace_s=20).id == env.id
+    with pytest.raises(ReplayError):
+        decode(frame, verifier=verifier, grace_s=20)
+    with pytest.raises(StaleError, match=r"-45\.0s"):  # grace never admits a timestamp from the future
+        decode(frame, verifier=Verifier({"k1": KEY}, clock=Clock(env.ts - 45)), grace_s=100)
+
+
 def test_the_replay_cache_is_bounded_yet_no_replay_slips_through() -> None:
     clock = Clock(1_000_000.0)
     verifier = Verifier({"k1": KEY}, replay_capacity=10, clock=clock)
