@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import os
 import signal
 import sys
+import urllib.parse
 from pathlib import Path
 
 from rich.console import Console
@@ -123,7 +125,37 @@ def _node(args: argparse.Namespace, console: Console) -> int:
     return asyncio.run(_serve_node(args, caps, console))
 
 
+def loopback_warning(bulk_address: str | None, broker: str) -> str | None:
+    """Why peers on other machines could not dial `bulk_address`, when that is so, else None.
+
+    A node whose broker is on another machine has peers there too; a loopback address announced
+    to them leads each to its own machine (where the stream is refused, and chunks are sent).
+    """
+    if bulk_address is None:
+        return None
+    host = bulk_address.rpartition(":")[0].strip("[]")
+    broker_host = urllib.parse.urlsplit(broker).hostname or ""
+    if _is_loopback(host) and not _is_loopback(broker_host):
+        return (
+            f"bulk address {bulk_address} is a loopback address, but the broker {broker} is not on "
+            "this machine: peers elsewhere cannot dial it; pass --bulk-advertise with an address they can"
+        )
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Console) -> int:
+    warning = loopback_warning(args.bulk_advertise or args.bulk, args.broker)
+    if warning is not None:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
     transport = MqttTransport(args.broker, args.id, namespace=args.namespace)
     node = Node(
         args.id,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agents.cli import main
+from agents.cli import loopback_warning, main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
@@ -119,3 +119,23 @@ def test_the_installed_command_runs_the_quickstart() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert "13 done" in done.stdout and "killed edge-1" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("bulk", "broker", "warned"),
+    [
+        ("127.0.0.1:7000", "mqtt://10.1.2.3:1883", True),
+        ("localhost:7000", "mqtt://broker.example:1883", True),
+        ("[::1]:7000", "mqtt://10.1.2.3:1883", True),
+        ("127.0.0.1:7000", "mqtt://127.0.0.1:1883", False),  # everything on one machine
+        ("10.0.0.5:7000", "mqtt://10.1.2.3:1883", False),
+        (None, "mqtt://10.1.2.3:1883", False),
+    ],
+)
+def test_a_node_warns_when_its_bulk_address_cannot_be_dialled_from_other_machines(
+    bulk: str | None, broker: str, warned: bool
+) -> None:
+    warning = loopback_warning(bulk, broker)
+    assert (warning is not None) == warned
+    if warning:
+        assert "--bulk-advertise" in warning and str(bulk) in warning
