@@ -40,6 +40,7 @@ bench: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m protocol.docgen > docs/protocol.md
+	$(PY) -m agents.scenario_doc > docs/scenarios.md
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

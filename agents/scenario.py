@@ -38,7 +38,7 @@ class NodeSpec(_Strict):
     tier: Literal["device", "edge", "cloud"]
     """Where the node sits."""
     cores: int = Field(default=1, ge=1)
-    """CPU cores offered to tasks."""
+    """CPU cores offered to tasks; the node runs at most this many tasks at once."""
     memory_mb: int = Field(default=1024, ge=0)
     """Memory offered to tasks, in MiB."""
     segment: str = "default"
@@ -57,7 +57,7 @@ class Link(_Strict):
     dst: str
     """Receiving node."""
     latency_ms: float = Field(default=0.0, ge=0)
-    """One-way latency."""
+    """One-way latency, in milliseconds."""
     bandwidth_mbps: float | None = Field(default=None, gt=0)
     """Bandwidth in Mbit/s; unset means unlimited."""
     loss: float = Field(default=0.0, ge=0, lt=1)
@@ -82,28 +82,29 @@ class WorkloadTask(_Strict):
     inputs: dict[str, str] = {}
     """Input name -> id of the upstream task whose result it is."""
     after: list[str] = []
-    """Tasks that must finish first without passing data."""
+    """Tasks that must be done first, without passing data."""
     tier: Literal["device", "edge", "cloud"] | None = None
     """Run only on a node of this tier."""
     node: str | None = None
     """Run only on this node."""
     labels: dict[str, str] = {}
-    """Run only on nodes with these labels."""
+    """Run only on nodes carrying all of these labels, with these values."""
     cores: float = Field(default=1.0, ge=0)
-    """Cores the task needs on its node."""
+    """Cores the task needs: only nodes offering at least this many may run it (checked, not reserved)."""
     memory_mb: int = Field(default=0, ge=0)
-    """Memory the task needs on its node."""
+    """Memory the task needs, in MiB: only nodes offering at least this much may run it (checked, not
+    reserved)."""
     retries: int = Field(default=0, ge=0, le=100)
-    """Extra attempts after a failure."""
+    """Extra attempts after a failure (a timeout is one)."""
     timeout_s: float | None = Field(default=None, gt=0)
-    """Cancel and count as failed after this long."""
+    """Seconds an attempt may run before it is cancelled and counted as failed; unset means no limit."""
 
 
 class Generator(_Strict):
-    """Independent requests instead of a DAG: `count` tasks of one kind."""
+    """Independent requests, beside or instead of a DAG: `count` tasks of one kind."""
 
     count: int = Field(ge=1, le=1_000_000)
-    """How many requests."""
+    """How many requests; they are named `request-0`, `request-1`, and so on."""
     kind: str = "echo"
     """Task kind of each request."""
     params: dict[str, Any] = {}
@@ -118,20 +119,20 @@ class Workload(_Strict):
     generate: Generator | None = None
     """Independent requests added beside the DAG."""
     timeout_s: float = Field(default=300.0, gt=0)
-    """Give up (and cancel what is left) after this long."""
+    """Seconds after which every task that has not finished is cancelled."""
 
 
 class Fault(_Strict):
     """A fault injected at a given time after the run starts."""
 
     at_s: float = Field(ge=0)
-    """When, in seconds from the start."""
+    """When, in seconds from the start of the run."""
     action: Literal["kill_node", "restart_node", "partition", "heal", "slow_node", "restart_broker"]
     """kill_node: the node dies (no goodbye); restart_node: it comes back; partition/heal: cut or
     restore the link between `node` and `peer` both ways; slow_node: the node runs `factor` times
     slower; restart_broker: the MQTT broker restarts (runs against a broker only)."""
     node: str | None = None
-    """The node acted on."""
+    """The node acted on; every action but restart_broker needs one."""
     peer: str | None = None
     """The other end, for partition and heal."""
     factor: float = Field(default=3.0, gt=0)
@@ -142,18 +143,19 @@ class Expectations(_Strict):
     """Checked at the end of the run; any that fails makes the run fail (exit code 1)."""
 
     all_done: bool = True
-    """Every task ends done."""
+    """Every task of the job ends done; false drops this check."""
     min_reassigned: int = Field(default=0, ge=0)
-    """At least this many tasks were moved off a node that died or left."""
+    """At least this many tasks were moved off a node that died, left or handed them back; 0 drops this
+    check."""
     outputs: dict[str, Any] = {}
-    """Task id -> the result it must have."""
+    """Task id -> the result it must have (compared as JSON-like data)."""
 
 
 class Scenario(_Strict):
     """A whole scenario file."""
 
     name: str = Field(min_length=1)
-    """Shown in progress displays and reports."""
+    """Shown in progress displays and reports; also the job's id."""
     description: str = ""
     """What the scenario shows, for people."""
     nodes: dict[str, NodeSpec] = Field(min_length=1)
