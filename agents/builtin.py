@@ -10,7 +10,8 @@
 - ``escalate``: a classifier stand-in. It returns ``{"label", "confidence"}`` from ``params``;
   when the confidence is below ``params.threshold`` it also adds a task ``<task>.escalated`` of
   ``params.escalate_kind`` (default ``echo``) placed on ``params.escalate_tier`` (default
-  ``cloud``) with the same inputs: a job that grows while it runs.
+  ``cloud``), to run after it, with ``params.value = {"label", "escalated_from": <node>}`` and
+  no inputs: a job that grows while it runs.
 """
 
 from __future__ import annotations

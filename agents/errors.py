@@ -35,6 +35,7 @@ class PatchRejected(AgentError):
         super().__init__(f"patch rejected at op {index} ({name}): {why}")
         self.index = index
         self.op = op
+        self.why = why
 
 
 class UnknownTaskKind(AgentError):

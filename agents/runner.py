@@ -22,39 +22,14 @@ from agents.journal import Journal
 from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
-from agents.scenario import Fault, Scenario
+from agents.scenario import ORCHESTRATOR, Fault, Scenario
 from fabric import Endpoint, InprocHub, LinkSpec, LinkTable
-from protocol import Capabilities, Placement, Resources, TaskSpec
+from protocol import Capabilities
 
-__all__ = ["ORCHESTRATOR", "graph_of", "run_scenario", "write_trace"]
+__all__ = ["ORCHESTRATOR", "run_scenario", "write_trace"]
 
-ORCHESTRATOR = "orchestrator"
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 1.0
-
-
-def graph_of(scenario: Scenario, job: str | None = None) -> TaskGraph:
-    """The scenario's workload as a task graph."""
-    specs = []
-    edges: list[tuple[str, str]] = []
-    for task in scenario.workload.tasks:
-        specs.append(
-            TaskSpec(
-                id=task.id,
-                kind=task.kind,
-                params=task.params,
-                inputs=task.inputs,
-                needs=Resources(cores=task.cores, memory_mb=task.memory_mb),
-                placement=Placement(tier=task.tier, node=task.node, labels=task.labels),
-                retries=task.retries,
-                timeout_s=task.timeout_s,
-            )
-        )
-        edges.extend((before, task.id) for before in task.after)
-    gen = scenario.workload.generate
-    if gen is not None:
-        specs.extend(TaskSpec(id=f"request-{i}", kind=gen.kind, params=gen.params) for i in range(gen.count))
-    return TaskGraph(job or scenario.name, specs, edges)
 
 
 def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
@@ -95,9 +70,13 @@ class _InprocCluster:
         self.nodes: dict[str, Node] = {}
         self.links: dict[str, LinkTable] = {}
         self.slowdown: dict[str, float] = {}
+        self.cut: set[tuple[str, str]] = set()  # directed links partitioned now
 
     async def start(self, node_id: str) -> None:
         self.links[node_id] = links_of(self.scenario, node_id)
+        for src, dst in self.cut:  # a restarted node comes back into the partitions still in force
+            if src == node_id:
+                self.links[node_id].set(dst, LinkSpec(loss=1.0))
         node = Node(
             node_id,
             self.hub.transport(node_id),
@@ -114,6 +93,8 @@ class _InprocCluster:
         """Apply `fault`; return what was done, for the report."""
         name = fault.node or ""
         if fault.action == "kill_node":
+            if self.nodes[name].closed:
+                return f"{name} was already down; not killed"
             await self.nodes[name].crash()
             return f"killed {name}"
         if fault.action == "restart_node":
@@ -130,8 +111,10 @@ class _InprocCluster:
             for a, b in ((name, peer), (peer, name)):
                 link = self.scenario.link(a, b)
                 if fault.action == "partition":
+                    self.cut.add((a, b))
                     self.links[a].set(b, LinkSpec(loss=1.0))
                 else:
+                    self.cut.discard((a, b))
                     self.links[a].set(b, None if link is None else link.spec())
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
         return "no broker in-process: skipped"
@@ -172,12 +155,14 @@ async def run_scenario(
         for node_id in scenario.nodes:
             await endpoint.wait_for_peer(node_id, timeout=10, announced=True)
         orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
-        graph = orchestrator.resume() if resume and store is not None else graph_of(scenario)
+        graph = orchestrator.resume() if resume and store is not None else scenario.graph()
         if on_start is not None:
             on_start(graph)
 
+        due = sorted(scenario.faults, key=lambda f: f.at_s)
+
         async def inject_faults() -> None:
-            for fault in sorted(scenario.faults, key=lambda f: f.at_s):
+            for fault in due:
                 await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
                 what = await cluster.inject(fault)
                 faults.append(
@@ -190,6 +175,9 @@ async def run_scenario(
         finally:
             injector.cancel()
         wall = time.monotonic() - started
+        for fault in due[len(faults) :]:  # in the report too, so none vanishes unmentioned
+            what = f"{fault.node or 'broker'}: not injected, the job had ended"
+            faults.append(FaultRecord(at_s=fault.at_s, kind=fault.action, target=what))
         report = _report(
             scenario, graph, orchestrator=orchestrator, cluster=cluster, faults=faults, wall=wall
         )
@@ -257,7 +245,11 @@ def _report(
             )
         )
     for task_id, want in expected.outputs.items():
-        have = _jsonable(graph.task(task_id).result) if task_id in graph else None
+        state = graph.task(task_id).state if task_id in graph else "never added"
+        if state != "done":  # a task that never finished has no output, not a null one
+            checks.append(Expectation(name=f"output of {task_id}", ok=False, detail=f"task is {state}"))
+            continue
+        have = _jsonable(graph.task(task_id).result)
         checks.append(
             Expectation(name=f"output of {task_id}", ok=have == want, detail=f"{have!r} (expected {want!r})")
         )

@@ -12,10 +12,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agents.errors import ScenarioError
+from agents.errors import PatchRejected, ScenarioError
+from agents.graph import TaskGraph
 from fabric import LinkSpec
+from protocol import NodeId, Placement, Resources, TaskId, TaskSpec
 
 __all__ = [
+    "ORCHESTRATOR",
     "Expectations",
     "Fault",
     "Generator",
@@ -28,8 +31,13 @@ __all__ = [
 ]
 
 
+ORCHESTRATOR = "orchestrator"
+"""The orchestrator's node id on a scenario's fabric; no scenario node may take it."""
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    # strict: a value of the wrong type is an error, never converted ("4" is no int, true no 1)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, use_attribute_docstrings=True)
 
 
 class NodeSpec(_Strict):
@@ -75,7 +83,7 @@ class WorkloadTask(_Strict):
 
     id: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
     """Unique name of the task."""
-    kind: str = Field(min_length=1)
+    kind: str = Field(min_length=1, max_length=128)
     """Task kind: which executor runs it (echo, sum, sleep, fail, python, escalate, or a backend's)."""
     params: dict[str, Any] = {}
     """Parameters for the executor."""
@@ -105,7 +113,7 @@ class Generator(_Strict):
 
     count: int = Field(ge=1, le=1_000_000)
     """How many requests; they are named `request-0`, `request-1`, and so on."""
-    kind: str = "echo"
+    kind: str = Field(default="echo", min_length=1, max_length=128)
     """Task kind of each request."""
     params: dict[str, Any] = {}
     """Parameters of each request."""
@@ -135,7 +143,7 @@ class Fault(_Strict):
     """The node acted on; every action but restart_broker needs one."""
     peer: str | None = None
     """The other end, for partition and heal."""
-    factor: float = Field(default=3.0, gt=0)
+    factor: float = Field(default=3.0, gt=1)
     """Slowdown factor, for slow_node."""
 
 
@@ -154,12 +162,12 @@ class Expectations(_Strict):
 class Scenario(_Strict):
     """A whole scenario file."""
 
-    name: str = Field(min_length=1)
-    """Shown in progress displays and reports; also the job's id."""
+    name: TaskId
+    """Shown in progress displays and reports; also the job's id (letters, digits, '.', '_', ':', '-')."""
     description: str = ""
     """What the scenario shows, for people."""
-    nodes: dict[str, NodeSpec] = Field(min_length=1)
-    """Node id -> node."""
+    nodes: dict[NodeId, NodeSpec] = Field(min_length=1)
+    """Node id (1-64 of letters, digits, '.', '_', '-'; not `orchestrator`) -> node."""
     links: list[Link] = []
     """Emulated links between nodes."""
     workload: Workload = Field(default_factory=Workload)
@@ -175,18 +183,29 @@ class Scenario(_Strict):
             if name is not None and name not in self.nodes:
                 raise ValueError(f"{where}: unknown node {name!r}; nodes are {sorted(self.nodes)}")
 
+        if ORCHESTRATOR in self.nodes:
+            raise ValueError(f"nodes: {ORCHESTRATOR!r} is the orchestrator's own id; name the node otherwise")
         for i, link in enumerate(self.links):
             node(f"links.{i}.src", link.src)
             node(f"links.{i}.dst", link.dst)
         ids = [t.id for t in self.workload.tasks]
+        first: dict[str, int] = {}
         for i, task in enumerate(self.workload.tasks):
-            if ids.count(task.id) > 1:
-                raise ValueError(f"workload.tasks.{i}.id: task {task.id!r} is defined twice")
+            if task.id in first:
+                raise ValueError(
+                    f"workload.tasks.{i}.id: task {task.id!r} is already workload.tasks.{first[task.id]}"
+                )
+            first[task.id] = i
             for field_name, refs in (("inputs", list(task.inputs.values())), ("after", task.after)):
                 for ref in refs:
                     if ref not in ids:
                         raise ValueError(f"workload.tasks.{i}.{field_name}: unknown task {ref!r}")
             node(f"workload.tasks.{i}.node", task.node)
+            if not any(_fits(task, name, spec) for name, spec in self.nodes.items()):
+                raise ValueError(
+                    f"workload.tasks.{i}: no node can run task {task.id!r} (its tier, node, labels, "
+                    "cores and memory_mb together rule out every node)"
+                )
         for i, fault in enumerate(self.faults):
             if fault.action != "restart_broker" and fault.node is None:
                 raise ValueError(f"faults.{i}.node: {fault.action} needs a node")
@@ -194,10 +213,37 @@ class Scenario(_Strict):
             node(f"faults.{i}.peer", fault.peer)
             if fault.action in ("partition", "heal") and fault.peer is None:
                 raise ValueError(f"faults.{i}.peer: {fault.action} needs a peer")
+        generated = self.workload.generate.count if self.workload.generate is not None else 0
         for task_id in self.expect.outputs:
-            if task_id not in ids:
+            if task_id not in ids and not _is_request(task_id, generated):
                 raise ValueError(f"expect.outputs: unknown task {task_id!r}")
+        self.graph()  # the rest: a cycle, a generated id taken, params that cannot travel
         return self
+
+    def graph(self, job: str | None = None) -> TaskGraph:
+        """The workload as a task graph of job `job` (default: the scenario's name).
+
+        Raises `ValueError` naming the task's path when a task cannot be made into a wire
+        `TaskSpec`, or when the tasks do not form a DAG.
+        """
+        specs: list[TaskSpec] = []
+        paths: list[str] = []
+        edges: list[tuple[str, str]] = []
+        for i, task in enumerate(self.workload.tasks):
+            specs.append(_spec(f"workload.tasks.{i}", task))
+            paths.append(f"workload.tasks.{i}")
+            edges.extend((before, task.id) for before in task.after)
+        gen = self.workload.generate
+        if gen is not None:
+            request = WorkloadTask(id="request-0", kind=gen.kind, params=gen.params)
+            template = _spec("workload.generate", request)
+            specs.extend(template.model_copy(update={"id": f"request-{n}"}) for n in range(gen.count))
+            paths.extend(f"workload.generate (request-{n})" for n in range(gen.count))
+        try:
+            return TaskGraph(job or self.name, specs, edges)
+        except PatchRejected as exc:
+            where = paths[exc.index] if exc.index < len(paths) else "workload.tasks (after)"
+            raise ValueError(f"{where}: {exc.why}") from None
 
     def link(self, src: str, dst: str) -> Link | None:
         """The link from `src` to `dst`, if the scenario emulates one."""
@@ -205,6 +251,41 @@ class Scenario(_Strict):
             if (link.src, link.dst) == (src, dst) or (link.symmetric and (link.dst, link.src) == (src, dst)):
                 return link
         return None
+
+
+def _fits(task: WorkloadTask, name: str, node: NodeSpec) -> bool:
+    """Whether `node` meets `task`'s placement constraints and resource needs."""
+    return (
+        (task.tier is None or task.tier == node.tier)
+        and (task.node is None or task.node == name)
+        and all(node.labels.get(k) == v for k, v in task.labels.items())
+        and task.cores <= node.cores
+        and task.memory_mb <= node.memory_mb
+    )
+
+
+def _is_request(task_id: str, count: int) -> bool:
+    number = task_id.removeprefix("request-")
+    return number != task_id and number.isdigit() and int(number) < count
+
+
+def _spec(path: str, task: WorkloadTask) -> TaskSpec:
+    """The wire spec of `task`; `ValueError` naming `path` and the field when it cannot be one."""
+    try:
+        return TaskSpec(
+            id=task.id,
+            kind=task.kind,
+            params=task.params,
+            inputs=task.inputs,
+            needs=Resources(cores=task.cores, memory_mb=task.memory_mb),
+            placement=Placement(tier=task.tier, node=task.node, labels=task.labels),
+            retries=task.retries,
+            timeout_s=task.timeout_s,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        raise ValueError(f"{path}.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
 
 
 def load_scenario(path: str | Path) -> Scenario:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import inspect
 import io
 import json
@@ -18,7 +19,7 @@ import tempfile
 import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel
@@ -81,14 +82,14 @@ _FAULT_ACTIONS: dict[str, tuple[str, str]] = {
         "it was running or had queued is lost. In-process the hub withdraws its presence at once (as "
         "a broker fires a Last Will), so the orchestrator puts those tasks back to be placed on "
         "another node straight away; they count as reassigned, not as retries. Killing a node that "
-        "is already dead changes nothing (the report still says `killed`).",
+        "is already dead changes nothing (the report says `was already down; not killed`).",
     ),
     "restart_node": (
         "`node`",
         "A fresh node starts under the same id, with the scenario's capabilities and links (and the "
         "`slow_node` factor it had, if any), and joins the fabric; tasks waiting for a node that "
-        "fits can then be placed on it. Rebuilding its links lifts a `partition` on its own side "
-        "only. If the node is running, nothing happens (the report says `was running; not restarted`).",
+        "fits can then be placed on it. Partitions still in force hold for it too. If the node "
+        "is running, nothing happens (the report says `was running; not restarted`).",
     ),
     "partition": (
         "`node`, `peer`",
@@ -106,7 +107,7 @@ _FAULT_ACTIONS: dict[str, tuple[str, str]] = {
         "`node`, `factor`",
         "From then on the node is `factor` times slower: after each task's executor returns, the "
         "node waits `compute time x (factor - 1)` before it answers (tasks already running when the "
-        "fault comes are slowed too). A `factor` of 1 or less has no effect. The factor survives a "
+        "fault comes are slowed too). `factor` must be above 1. The factor survives a "
         "`restart_node`.",
     ),
     "restart_broker": (
@@ -150,6 +151,18 @@ def _cross_checks() -> list[tuple[str, _Mutation]]:
     def expect_unknown_output(d: dict[str, Any]) -> None:
         d["expect"]["outputs"]["request-0"] = 1
 
+    def unplaceable(d: dict[str, Any]) -> None:
+        d["workload"]["tasks"][0]["memory_mb"] = 1 << 30
+
+    def reserved_node(d: dict[str, Any]) -> None:
+        d["nodes"]["orchestrator"] = {"tier": "cloud"}
+
+    def cycle(d: dict[str, Any]) -> None:
+        d["workload"]["tasks"][0]["after"] = [d["workload"]["tasks"][-1]["id"]]
+
+    def not_on_the_wire(d: dict[str, Any]) -> None:
+        d["workload"]["tasks"][0]["params"] = {"when": datetime.date(2024, 1, 1)}
+
     return [
         ("A link's `src` and `dst` are nodes of `nodes`.", link_to_nowhere),
         ("Task ids are unique.", duplicate_task),
@@ -160,9 +173,17 @@ def _cross_checks() -> list[tuple[str, _Mutation]]:
         ("... which is a node of `nodes` (and so is `peer`).", fault_on_unknown_node),
         ("`partition` and `heal` name a `peer` too.", partition_without_peer),
         (
-            "The keys of `expect.outputs` are tasks of `workload.tasks` (not generated requests, "
-            "nor tasks added while the job runs).",
+            "The keys of `expect.outputs` are tasks of `workload.tasks` or generated requests "
+            "(not tasks added while the job runs).",
             expect_unknown_output,
+        ),
+        ("Some node meets each task's `tier`, `node`, `labels`, `cores` and `memory_mb`.", unplaceable),
+        ("No node is called `orchestrator`: that is the orchestrator's id on the fabric.", reserved_node),
+        ("`inputs` and `after` together make no cycle.", cycle),
+        (
+            "`params` hold only values that can travel on the wire (an unquoted YAML date such as "
+            "`2024-01-01` cannot: quote it).",
+            not_on_the_wire,
         ),
     ]
 
@@ -221,6 +242,9 @@ def _limits(kind: str, metadata: list[Any]) -> str:
 def _type(annotation: Any, metadata: list[Any]) -> list[str | type[BaseModel]]:
     """The field's type as pieces: text, and models (which become links)."""
     origin = get_origin(annotation)
+    if origin is Annotated:  # e.g. a constrained dict key: its constraints are its metadata
+        base, *meta = get_args(annotation)
+        return _type(base, [*meta, *metadata])
     if origin is Union or origin is types.UnionType:
         args = [a for a in get_args(annotation) if a is not type(None)]
         pieces: list[str | type[BaseModel]] = []
@@ -514,7 +538,8 @@ def render() -> str:
         "",
         "Faults are applied in `at_s` order (file order for equal times), `at_s` seconds after the run "
         "starts; starting the nodes takes a few milliseconds in-process, so that is also about when the "
-        "job starts. A fault still pending when the job ends is never applied. Each applied fault is "
+        "job starts. A fault still pending when the job ends is never applied, and the report lists it "
+        "as `not injected, the job had ended`. Each applied fault is "
         "listed in the report with the time it was applied and what was done. `peer` and `factor` are "
         "ignored by the actions that do not use them.",
         "",
@@ -536,7 +561,7 @@ def render() -> str:
         "value. The result is compared as JSON-like data: numpy arrays as `{tensor: [shape...], "
         "dtype: name}`, bytes as `{bytes: length}`, tuples as lists; numbers compare by value (`2` "
         "equals `2.0`) and mappings whatever their key order. A task that did not finish has no "
-        "result, which compares as `null`.",
+        "result, and fails the check (`task is failed`, say).",
         "",
         "## Validation errors",
         "",
@@ -570,18 +595,10 @@ def render() -> str:
         "",
         "### Not checked yet",
         "",
-        "These pass `flowloom validate` and only show when the scenario runs:",
+        "This passes `flowloom validate` and only shows when the scenario runs:",
         "",
-        "- A task of a kind no node has an executor for waits until `workload.timeout_s` cancels it; "
-        "so does a task whose `tier`, `node`, `labels`, `cores` or `memory_mb` no node satisfies.",
-        "- Names travel on the wire: node ids must be valid node ids and the scenario's `name` a "
-        "valid task id (see `src` in the [Envelope](protocol.md#envelope) and `id` in "
-        "[TaskSpec](protocol.md#taskspec)), and no node may be called `orchestrator`; otherwise the "
-        "run stops with a traceback.",
-        "- `params` must hold values that can travel on the wire (an unquoted YAML date such as "
-        "`2024-01-01` cannot: quote it); `inputs` and `after` must not make a cycle; generated "
-        "`request-<n>` ids must not repeat a task id of `workload.tasks`. Otherwise, too, the run "
-        "stops with a traceback.",
+        "- A task of a kind no node has an executor for waits until `workload.timeout_s` cancels it "
+        "(which executors a node has is known only once it runs: backends are plugins).",
         "",
     ]
     return "\n".join(parts)

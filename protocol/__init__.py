@@ -65,7 +65,7 @@ from protocol._messages import (
     UpdateTask,
     Welcome,
 )
-from protocol._models import MAX_HOPS
+from protocol._models import MAX_HOPS, NodeId, TaskId
 from protocol._negotiation import negotiate_version
 from protocol._signing import Signer, Verifier
 from protocol._tensor import Lossy, LossyFormat
@@ -101,6 +101,7 @@ __all__ = [
     "Hello",
     "Lossy",
     "LossyFormat",
+    "NodeId",
     "PatchOp",
     "Placement",
     "ProtocolError",
@@ -116,6 +117,7 @@ __all__ = [
     "TaskAssign",
     "TaskCancel",
     "TaskFailed",
+    "TaskId",
     "TaskProgress",
     "TaskResult",
     "TaskSpec",

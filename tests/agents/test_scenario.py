@@ -1,0 +1,112 @@
+"""Scenario files: what validation refuses, and how a run reports faults and expectations."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from agents.errors import ScenarioError
+from agents.runner import run_scenario
+from agents.scenario import Scenario, load_scenario
+
+
+def scenario(**overrides: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "s",
+        "nodes": {"edge-1": {"tier": "edge", "cores": 2}, "edge-2": {"tier": "edge"}},
+        "workload": {
+            "tasks": [
+                {"id": "a", "kind": "echo", "params": {"value": 1}},
+                {"id": "b", "kind": "sleep", "params": {"seconds": 0.3}, "after": ["a"]},
+            ]
+        },
+    }
+    data.update(overrides)
+    return data
+
+
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda d: d.update(name="my scenario"), "s.yaml: name: String should match pattern"),
+        (lambda d: d["nodes"].update({"edge 3": {"tier": "edge"}}), r"nodes\.edge 3\.\[key\]"),
+        (lambda d: d["nodes"].update(orchestrator={"tier": "cloud"}), "orchestrator's own id"),
+        (
+            lambda d: d["nodes"]["edge-1"].update(cores="4"),
+            r"nodes\.edge-1\.cores: Input should be a valid integer",
+        ),
+        (lambda d: d["workload"]["tasks"][0].update(after=["b"]), "it would make a cycle: a -> b -> a"),
+        (
+            lambda d: (
+                d["workload"].update(generate={"count": 2})
+                or d["workload"]["tasks"][0].update(id="request-1")
+                or d["workload"]["tasks"][1].update(after=["request-1"])
+            ),
+            r"workload\.generate \(request-1\): task request-1 already exists",
+        ),
+        (
+            lambda d: d["workload"]["tasks"][0].update(
+                params={"when": __import__("datetime").date(2024, 1, 1)}
+            ),
+            r"workload\.tasks\.0\.params\.when: value: a datetime\.date cannot travel on the wire",
+        ),
+        (
+            lambda d: d["workload"]["tasks"][1].update(id="a", after=[]),
+            r"tasks\.1\.id: task 'a' is already workload\.tasks\.0",
+        ),
+        (
+            lambda d: d["workload"]["tasks"][0].update(cores=3),
+            r"workload\.tasks\.0: no node can run task 'a'",
+        ),
+        (
+            lambda d: d.update(faults=[{"at_s": 0, "action": "slow_node", "node": "edge-1", "factor": 0.5}]),
+            r"faults\.0\.factor: Input should be greater than 1",
+        ),
+    ],
+)
+def test_validation_names_the_file_and_field_of_each_mistake(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    data = scenario()
+    change(data)
+    with pytest.raises(ScenarioError, match=message):
+        load_scenario(write(tmp_path, data))
+
+
+def test_generated_requests_may_be_expected_by_name(tmp_path: Path) -> None:
+    data = scenario()
+    data["workload"]["generate"] = {"count": 3, "kind": "echo", "params": {"value": 7}}
+    data["expect"] = {"outputs": {"request-2": 7}}
+    assert load_scenario(write(tmp_path, data)).expect.outputs == {"request-2": 7}
+    data["expect"] = {"outputs": {"request-3": 7}}
+    with pytest.raises(ScenarioError, match="unknown task 'request-3'"):
+        load_scenario(write(tmp_path, data))
+
+
+async def test_the_report_tells_unfinished_outputs_repeated_kills_and_late_faults() -> None:
+    data = scenario(
+        faults=[
+            {"at_s": 0.0, "action": "kill_node", "node": "edge-2"},
+            {"at_s": 0.05, "action": "kill_node", "node": "edge-2"},
+            {"at_s": 500, "action": "restart_node", "node": "edge-2"},
+        ],
+        expect={"outputs": {"b": None}},
+    )
+    data["workload"]["tasks"][0].update(kind="sleep", params={"seconds": 0.3})
+    data["workload"]["tasks"][1].update(kind="fail", params={})  # b fails: no output, not a null one
+    report, _ = await run_scenario(Scenario.model_validate(data))
+    assert [f.target for f in report.faults] == [
+        "killed edge-2",
+        "edge-2 was already down; not killed",
+        "edge-2: not injected, the job had ended",
+    ]
+    check = next(e for e in report.expectations if e.name == "output of b")
+    assert not check.ok and check.detail == "task is failed"
+    assert not report.ok
