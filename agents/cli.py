@@ -38,7 +38,11 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     scenario = load_scenario(args.file)
     console.print(f"[bold]{scenario.name}[/bold]: {scenario.description.strip()}")
     if args.broker:
-        raise ScenarioError("--broker: running against node daemons is not built yet; run in-process")
+        console.print(
+            f"against the node daemons on {args.broker}, fabric {args.namespace!r}: "
+            f"waiting up to {args.wait_s:g}s for {', '.join(scenario.nodes)}",
+            highlight=False,
+        )
     progress = Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -66,7 +70,16 @@ def _run(args: argparse.Namespace, console: Console) -> int:
     journal = Path(args.journal) if args.journal else None
     with progress:
         report, orchestrator = asyncio.run(
-            run_scenario(scenario, on_event=on_event, on_start=on_start, journal=journal, resume=args.resume)
+            run_scenario(
+                scenario,
+                on_event=on_event,
+                on_start=on_start,
+                journal=journal,
+                resume=args.resume,
+                broker=args.broker,
+                namespace=args.namespace,
+                wait_s=args.wait_s,
+            )
         )
     _print_report(report, console)
     if args.report:
@@ -193,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--journal", metavar="FILE", help="journal the run in this sqlite file")
     run.add_argument("--resume", action="store_true", help="finish the job journaled in --journal")
     run.add_argument("--broker", metavar="URL", help="run against node daemons on this MQTT broker")
+    run.add_argument("--namespace", default="flowloom", help="with --broker: the fabric namespace")
+    run.add_argument(
+        "--wait-s", type=float, default=30.0, help="with --broker: how long to wait for the nodes"
+    )
     node = sub.add_parser("node", help="run a node daemon on an MQTT broker")
     node.add_argument("--id", required=True, help="node id, unique on the fabric")
     node.add_argument("--tier", choices=["device", "edge", "cloud"], required=True)

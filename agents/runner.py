@@ -1,8 +1,11 @@
-"""Runs a scenario in one process: its nodes on an in-process fabric, its workload, its faults.
+"""Runs a scenario: its workload on its nodes, its faults at their times, a report at the end.
 
-The nodes are real `Node`s and the orchestrator a real `Orchestrator`, on an `InprocHub`, with the
-scenario's links emulated by each sender. Faults are injected at their times; the report holds the
-task counts, each node's work, the faults, the expectations checked and the figures.
+In-process (the default) the nodes are real `Node`s and the orchestrator a real `Orchestrator`,
+on an `InprocHub`, with the scenario's links emulated by each sender. Against a broker
+(`broker=`), the nodes are `flowloom node` daemons already running there, under the scenario's
+node ids; only the orchestrator runs here, and faults that need a hand on a node or the broker
+are not injected (the report says so). The report holds the task counts, each node's work, the
+faults, the expectations checked and the figures.
 """
 
 from __future__ import annotations
@@ -17,19 +20,23 @@ from typing import Any
 
 import numpy as np
 
+from agents.errors import ScenarioError
 from agents.graph import TaskGraph
 from agents.journal import Journal
 from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
-from fabric import Endpoint, InprocHub, LinkSpec, LinkTable
+from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkSpec, LinkTable, MqttTransport
 from protocol import Capabilities
 
 __all__ = ["ORCHESTRATOR", "run_scenario", "write_trace"]
 
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 1.0
+# Against daemons: their default heartbeat is 1 s; a crash is usually seen sooner, by Last Will.
+DAEMON_HEARTBEAT_S = 1.0
+DAEMON_DEAD_AFTER_S = 3.0
 
 
 def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
@@ -119,9 +126,31 @@ class _InprocCluster:
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
         return "no broker in-process: skipped"
 
+    def alive(self, node_id: str) -> bool:
+        return not self.nodes[node_id].closed
+
     async def close(self) -> None:
         for node in self.nodes.values():
             await node.close(grace_s=0.0)
+
+
+class _DaemonCluster:
+    """The scenario's nodes as daemons on a broker: nothing to start, no hand on them for faults."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+
+    async def inject(self, fault: Fault) -> str:
+        return (
+            f"{fault.node or 'broker'}: not injected against node daemons (stop or slow the process yourself)"
+        )
+
+    def alive(self, node_id: str) -> bool:
+        peer = self.endpoint.peers.get(node_id)
+        return peer is not None and peer.alive
+
+    async def close(self) -> None:
+        pass
 
 
 async def run_scenario(
@@ -131,29 +160,48 @@ async def run_scenario(
     on_start: Callable[[TaskGraph], None] | None = None,
     journal: Path | None = None,
     resume: bool = False,
+    broker: str | None = None,
+    namespace: str = "flowloom",
+    wait_s: float = 30.0,
 ) -> tuple[Report, Orchestrator]:
-    """Run `scenario` in-process; return its report and the orchestrator (events, stats).
+    """Run `scenario`; return its report and the orchestrator (events, stats).
 
+    In-process by default; with `broker` (``mqtt://host:port``), against the node daemons in
+    fabric `namespace` there, waiting up to `wait_s` for each scenario node to announce itself.
     `on_start` gets the job's graph (fresh, or rebuilt from the journal with `resume`) before it runs.
     """
-    hub = InprocHub()
-    cluster = _InprocCluster(scenario, hub)
     started = time.monotonic()
     faults: list[FaultRecord] = []
+    caps = Capabilities(tier="cloud", cores=1, memory_mb=0, task_kinds=[])
+    cluster: _InprocCluster | _DaemonCluster
+    if broker is None:
+        hub = InprocHub()
+        inproc = cluster = _InprocCluster(scenario, hub)
+        endpoint = Endpoint(
+            ORCHESTRATOR,
+            hub.transport(ORCHESTRATOR),
+            capabilities=caps,
+            heartbeat_s=HEARTBEAT_S,
+            dead_after_s=DEAD_AFTER_S,
+        )
+    else:
+        inproc = None
+        transport = MqttTransport(broker, ORCHESTRATOR, namespace=namespace)
+        endpoint = Endpoint(
+            ORCHESTRATOR,
+            transport,
+            capabilities=caps,
+            heartbeat_s=DAEMON_HEARTBEAT_S,
+            dead_after_s=DAEMON_DEAD_AFTER_S,
+        )
+        cluster = _DaemonCluster(endpoint)
     store = Journal(journal) if journal is not None else None
-    endpoint = Endpoint(
-        ORCHESTRATOR,
-        hub.transport(ORCHESTRATOR),
-        capabilities=Capabilities(tier="cloud", cores=1, memory_mb=0, task_kinds=[]),
-        heartbeat_s=HEARTBEAT_S,
-        dead_after_s=DEAD_AFTER_S,
-    )
     try:
         await endpoint.start()
-        for node_id in scenario.nodes:
-            await cluster.start(node_id)
-        for node_id in scenario.nodes:
-            await endpoint.wait_for_peer(node_id, timeout=10, announced=True)
+        if inproc is not None:
+            for node_id in scenario.nodes:
+                await inproc.start(node_id)
+        await _wait_for_nodes(endpoint, scenario, wait_s if broker else 10.0, broker, namespace)
         orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
         graph = orchestrator.resume() if resume and store is not None else scenario.graph()
         if on_start is not None:
@@ -189,6 +237,26 @@ async def run_scenario(
             store.close()
 
 
+async def _wait_for_nodes(
+    endpoint: Endpoint, scenario: Scenario, wait_s: float, broker: str | None, namespace: str
+) -> None:
+    deadline = time.monotonic() + wait_s
+    for node_id in scenario.nodes:
+        try:
+            await endpoint.wait_for_peer(
+                node_id, timeout=max(0.0, deadline - time.monotonic()), announced=True
+            )
+        except DeadlineExceeded:
+            if broker is None:
+                raise
+            tier = scenario.nodes[node_id].tier
+            raise ScenarioError(
+                f"node {node_id!r} of scenario {scenario.name!r} did not announce itself on {broker} "
+                f"(namespace {namespace!r}) within {wait_s:g}s; start it there: flowloom node --id "
+                f"{node_id} --tier {tier} --broker {broker} --namespace {namespace}"
+            ) from None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
         return {"tensor": list(value.shape), "dtype": str(value.dtype)}
@@ -206,7 +274,7 @@ def _report(
     graph: TaskGraph,
     *,
     orchestrator: Orchestrator,
-    cluster: _InprocCluster,
+    cluster: _InprocCluster | _DaemonCluster,
     faults: list[FaultRecord],
     wall: float,
 ) -> Report:
@@ -217,7 +285,7 @@ def _report(
             tier=spec.tier,
             segment=spec.segment,
             tasks_run=ran.get(node_id, 0),
-            alive=not cluster.nodes[node_id].closed,
+            alive=cluster.alive(node_id),
         )
         for node_id, spec in scenario.nodes.items()
     }
