@@ -324,38 +324,47 @@ class Orchestrator:
             await self._dispatch(task_id, node)
 
     def _place(self, task_id: str, exclude: set[str] | None = None, free_only: bool = False) -> str | None:
+        # Called for every dispatch and loops over the alive nodes: what does not depend on the node is
+        # read once, before the loop.
         graph = self._graph()
         spec = graph.task(task_id).spec
+        kind, where, needs = spec.kind, spec.placement, spec.needs
+        tier, pinned, labels, accelerators = where.tier, where.node, where.labels, needs.accelerators
+        link_cost, produced_on = self.link_cost, self._produced_on
+        inputs = (
+            [(up, approx_size(graph.task(up).result)) for up in spec.inputs.values()]
+            if link_cost is not None
+            else []
+        )
+        outstanding_of, estimate = self._outstanding, self._estimates.get
         best, best_cost = None, float("inf")
-        inputs = [(up, approx_size(graph.task(up).result)) for up in spec.inputs.values()]
         for peer in self.endpoint.peers.alive():
             caps = peer.capabilities
             node = peer.node
-            if caps is None or spec.kind not in caps.task_kinds or (exclude and node in exclude):
+            if caps is None or kind not in caps.task_kinds or (exclude and node in exclude):
                 continue
-            where = spec.placement
-            if where.tier is not None and caps.tier != where.tier:
+            if tier is not None and caps.tier != tier:
                 continue
-            if where.node is not None and node != where.node:
+            if pinned is not None and node != pinned:
                 continue
-            if any(caps.labels.get(k) != v for k, v in where.labels.items()):
+            if labels and any(caps.labels.get(k) != v for k, v in labels.items()):
                 continue
-            needs = spec.needs
-            if needs.cores > caps.cores or needs.memory_mb > caps.memory_mb:
+            cores = caps.cores
+            if needs.cores > cores or needs.memory_mb > caps.memory_mb:
                 continue
-            if any(acc not in caps.accelerators for acc in needs.accelerators):
+            if accelerators and any(acc not in caps.accelerators for acc in accelerators):
                 continue
-            outstanding = self._outstanding[node]
-            if free_only and outstanding >= caps.cores:
+            outstanding = outstanding_of[node]
+            if free_only and outstanding >= cores:
                 continue
-            compute = self._estimates.get(spec.kind, node)
-            queue = max(0, outstanding + 1 - caps.cores) / caps.cores * compute
+            compute = estimate(kind, node)
+            queue = max(0, outstanding + 1 - cores) / cores * compute
             transfer = 0.0
-            if self.link_cost is not None:
+            if link_cost is not None:
                 for upstream, nbytes in inputs:
-                    source = self._produced_on.get(upstream)
+                    source = produced_on.get(upstream)
                     if source is not None and source != node:
-                        transfer += self.link_cost(source, node, nbytes)
+                        transfer += link_cost(source, node, nbytes)
             # The tiny load term spreads ties (idle nodes, unknown costs) across nodes.
             cost = queue + compute + transfer + outstanding * 1e-9
             if cost < best_cost:
@@ -376,7 +385,7 @@ class Orchestrator:
             attempt=attempt_no,
             task_kind=spec.kind,
             params=spec.params,
-            inputs=graph.inputs_of(task_id),
+            inputs=graph.inputs_of(task_id) if spec.inputs else {},
             timeout_s=spec.timeout_s,
         )
         attempt = _Attempt(task_id, attempt_no, node, time.monotonic(), speculative)
@@ -387,8 +396,8 @@ class Orchestrator:
             attempt.timer = asyncio.get_running_loop().call_later(
                 spec.timeout_s, self._on_timeout, task_id, attempt_no
             )
-        env = Envelope.new(src=self.endpoint.node_id, dst=node, body=assign, trace=graph.job)
         if self.journal is not None:
+            env = Envelope.new(src=self.endpoint.node_id, dst=node, body=assign, trace=graph.job)
             self._journal("dispatch", env)
         self.stats.dispatched += 1
         self._event("speculate" if speculative else "dispatch", task_id, node, attempt_no)
@@ -409,14 +418,14 @@ class Orchestrator:
             try:
                 if isinstance(body, TaskResult):
                     await self._on_result(env, body)
+                elif isinstance(body, TaskAck):
+                    pass  # the node has it; nothing to do until its result
                 elif isinstance(body, TaskFailed):
                     self._on_failed(body)
                 elif isinstance(body, TaskProgress):
                     self._event("progress", body.task, env.src, body.attempt, body.message)
                 elif isinstance(body, GraphPatch):
                     await self._on_wire_patch(env, body)
-                elif isinstance(body, TaskAck):
-                    pass  # the node has it; nothing to do until its result
             except Exception:  # one bad message must not stop the job
                 log.exception("orchestrator: handling %s from %s failed", env.kind, env.src)
             # Never send from here: this loop must keep draining the inbox, or a node blocked on
@@ -578,6 +587,8 @@ class Orchestrator:
             await asyncio.sleep(0.05)
             if not self.speculation:
                 continue
+            if not self._any_free_slot():
+                continue  # a copy needs a free slot: no need to look at every attempt
             now = time.monotonic()
             graph = self._graph()
             for attempt in list(self._attempts.values()):
@@ -594,6 +605,16 @@ class Orchestrator:
                 if node is not None:
                     self.stats.speculative += 1
                     await self._dispatch(attempt.task, node, speculative=True)
+                    if not self._any_free_slot():
+                        break
+
+    def _any_free_slot(self) -> bool:
+        """True when some alive node has fewer tasks outstanding than cores (`free_only` placement)."""
+        outstanding = self._outstanding
+        return any(
+            peer.capabilities is not None and outstanding.get(peer.node, 0) < peer.capabilities.cores
+            for peer in self.endpoint.peers.alive()
+        )
 
     # bookkeeping -----------------------------------------------------------------------------
 
