@@ -29,9 +29,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -112,6 +113,8 @@ class _Attempt:
     attempt: int
     node: str
     started: float
+    """When it began running on its node, as far as the orchestrator can tell; inf while it waits
+    in the node's queue behind as many attempts as the node has cores."""
     speculative: bool = False
     timer: asyncio.TimerHandle | None = None
 
@@ -185,6 +188,9 @@ class Orchestrator:
         self._retries_used: dict[str, int] = defaultdict(int)
         self._backoff: set[str] = set()  # tasks waiting out a retry backoff
         self._outstanding: dict[str, int] = defaultdict(int)
+        # Per node, attempts sent beyond its cores, in dispatch order: a node runs its assignments
+        # first come, first served, so each starts when an earlier one ends (the straggler clock).
+        self._waiting: dict[str, deque[_Attempt]] = defaultdict(deque)
         self._produced_on: dict[str, str] = {}
         self._estimates = _Estimates()
         self._rng = random.Random()
@@ -389,6 +395,9 @@ class Orchestrator:
             timeout_s=spec.timeout_s,
         )
         attempt = _Attempt(task_id, attempt_no, node, time.monotonic(), speculative)
+        if self._outstanding[node] >= self._cores(node):
+            attempt.started = math.inf
+            self._waiting[node].append(attempt)
         self._attempts[(task_id, attempt_no)] = attempt
         self._by_task[task_id].add(attempt_no)
         self._outstanding[node] += 1
@@ -631,7 +640,18 @@ class Orchestrator:
         self._outstanding[attempt.node] -= 1
         if attempt.timer is not None:
             attempt.timer.cancel()
+        if attempt.started != math.inf:  # a slot freed: the next waiting attempt starts now
+            waiting = self._waiting[attempt.node]
+            while waiting:
+                nxt = waiting.popleft()
+                if self._attempts.get((nxt.task, nxt.attempt)) is nxt:
+                    nxt.started = time.monotonic()
+                    break
         return attempt
+
+    def _cores(self, node: str) -> int:
+        peer = self.endpoint.peers.get(node)
+        return peer.capabilities.cores if peer is not None and peer.capabilities is not None else 1
 
     def _drop_attempts(self, task_id: str) -> list[_Attempt]:
         dropped = [self._give_up_attempt(task_id, n) for n in list(self._by_task[task_id])]

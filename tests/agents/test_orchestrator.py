@@ -156,6 +156,21 @@ async def test_a_straggler_gets_a_speculative_copy_and_one_result_counts(cluster
     assert orchestrator.stats.accepted == 6  # exactly one accepted result per task
 
 
+async def test_waiting_in_a_busy_nodes_queue_is_not_straggling(cluster: Cluster) -> None:
+    """The straggler clock starts when a task can have started, not when it was sent."""
+    await cluster.add("a", cores=1)
+    orchestrator = cluster.orchestrator(speculate_after=2.0, speculate_min_s=0.1)
+    tasks = [spec(f"t{i}", "sleep", params={"seconds": 0.2}) for i in range(4)]
+    job = asyncio.create_task(orchestrator.run(TaskGraph("job", tasks), timeout=60))
+    await eventually(lambda: orchestrator.stats.dispatched == 4, what="all four sent to a")
+    await cluster.add("b", cores=1)  # free from now on: a copy could go there at any moment
+    graph = await job
+    assert graph.counts()["done"] == 4
+    # t3 waited 0.6 s behind the others, three times a task's 0.2 s, yet it never straggled
+    assert orchestrator.stats.speculative == 0
+    assert {graph.task(f"t{i}").node for i in range(4)} == {"a"}
+
+
 async def test_a_patch_while_running_adds_work_and_a_bad_patch_changes_nothing(cluster: Cluster) -> None:
     await cluster.add("n1")
     orchestrator = cluster.orchestrator()
