@@ -79,6 +79,7 @@ def _run(args: argparse.Namespace, console: Console) -> int:
                 broker=args.broker,
                 namespace=args.namespace,
                 wait_s=args.wait_s,
+                private_broker=args.mqtt,
             )
         )
     _print_report(report, console)
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--broker", metavar="URL", help="run against node daemons on this MQTT broker")
     run.add_argument("--namespace", default="flowloom", help="with --broker: the fabric namespace")
     run.add_argument(
+        "--mqtt", action="store_true", help="nodes in-process, over a private Mosquitto (for restart_broker)"
+    )
+    run.add_argument(
         "--wait-s", type=float, default=30.0, help="with --broker: how long to wait for the nodes"
     )
     node = sub.add_parser("node", help="run a node daemon on an MQTT broker")
@@ -227,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if getattr(args, "resume", False) and not args.journal:
         parser.error("--resume needs --journal FILE")
+    if getattr(args, "mqtt", False) and args.broker:
+        parser.error("--mqtt starts a private broker; --broker uses daemons on yours: choose one")
     console = Console()
     try:
         return {"validate": _validate, "run": _run, "node": _node}[args.command](args, console)

@@ -532,8 +532,11 @@ class Orchestrator:
         self._kick.set()
 
     async def _on_wire_patch(self, env: Envelope, body: GraphPatch) -> None:
+        job = self._graph().job
         if env.src not in self.authorised:
             why = f"{env.src} is not authorised to patch jobs"
+        elif body.job != job:
+            why = f"no job {body.job} here (this orchestrator runs {job})"
         else:
             try:
                 self.patch(body.ops, source=f"graph.patch from {env.src}")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +28,8 @@ from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
-from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkSpec, LinkTable, MqttTransport
+from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkSpec, LinkTable, MqttTransport, Transport
+from fabric.testing import MosquittoBroker
 from protocol import Capabilities
 
 __all__ = ["ORCHESTRATOR", "run_scenario", "write_trace"]
@@ -52,9 +54,10 @@ def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
 
 
 def links_of(scenario: Scenario, node: str) -> LinkTable:
+    """The emulated links out of `node` (a scenario node, or `ORCHESTRATOR`)."""
     table = LinkTable()
-    for other in scenario.nodes:
-        link = scenario.link(node, other)
+    for other in [*scenario.nodes, ORCHESTRATOR]:
+        link = scenario.link(node, other) if other != node else None
         if link is not None:
             table.set(other, link.spec())
     return table
@@ -69,15 +72,25 @@ def link_cost(scenario: Scenario) -> Callable[[str, str, int], float]:
 
 
 class _InprocCluster:
-    """The scenario's nodes on one hub; faults act on them."""
+    """The scenario's nodes in this process, on a hub or a private broker; faults act on them."""
 
-    def __init__(self, scenario: Scenario, hub: InprocHub) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        transport: Callable[[str], Transport],
+        *,
+        hub: InprocHub | None = None,
+        broker: MosquittoBroker | None = None,
+    ) -> None:
         self.scenario = scenario
+        self.transport = transport
         self.hub = hub
+        self.broker = broker
         self.nodes: dict[str, Node] = {}
         self.links: dict[str, LinkTable] = {}
         self.slowdown: dict[str, float] = {}
         self.cut: set[tuple[str, str]] = set()  # directed links partitioned now
+        self.links[ORCHESTRATOR] = links_of(scenario, ORCHESTRATOR)
 
     async def start(self, node_id: str) -> None:
         self.links[node_id] = links_of(self.scenario, node_id)
@@ -86,7 +99,7 @@ class _InprocCluster:
                 self.links[node_id].set(dst, LinkSpec(loss=1.0))
         node = Node(
             node_id,
-            self.hub.transport(node_id),
+            self.transport(node_id),
             capabilities=capabilities_of(self.scenario, node_id),
             heartbeat_s=HEARTBEAT_S,
             dead_after_s=DEAD_AFTER_S,
@@ -115,8 +128,16 @@ class _InprocCluster:
             return f"{name} runs {fault.factor:g}x slower"
         if fault.action in ("partition", "heal"):
             peer = fault.peer or ""
-            for a, b in ((name, peer), (peer, name)):
+            host = self.scenario.orchestrator_host
+
+            def side(node: str) -> list[str]:  # the orchestrator shares its host's fate
+                return [node, ORCHESTRATOR] if node == host else [node]
+
+            pairs = [(a, b) for x, y in ((name, peer), (peer, name)) for a in side(x) for b in side(y)]
+            for a, b in pairs:
                 link = self.scenario.link(a, b)
+                if self.hub is not None:  # the hub cuts broadcasts (heartbeats) too
+                    (self.hub.partition if fault.action == "partition" else self.hub.heal)(a, b)
                 if fault.action == "partition":
                     self.cut.add((a, b))
                     self.links[a].set(b, LinkSpec(loss=1.0))
@@ -124,7 +145,10 @@ class _InprocCluster:
                     self.cut.discard((a, b))
                     self.links[a].set(b, None if link is None else link.spec())
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
-        return "no broker in-process: skipped"
+        if self.broker is None:
+            return "no broker in-process (run with --mqtt for one): skipped"
+        await asyncio.to_thread(self.broker.restart)  # a clean stop: sessions and queues survive
+        return "restarted the broker"
 
     def alive(self, node_id: str) -> bool:
         return not self.nodes[node_id].closed
@@ -132,6 +156,8 @@ class _InprocCluster:
     async def close(self) -> None:
         for node in self.nodes.values():
             await node.close(grace_s=0.0)
+        if self.broker is not None:
+            await asyncio.to_thread(self.broker.close)
 
 
 class _DaemonCluster:
@@ -163,38 +189,20 @@ async def run_scenario(
     broker: str | None = None,
     namespace: str = "flowloom",
     wait_s: float = 30.0,
+    private_broker: bool = False,
 ) -> tuple[Report, Orchestrator]:
     """Run `scenario`; return its report and the orchestrator (events, stats).
 
-    In-process by default; with `broker` (``mqtt://host:port``), against the node daemons in
-    fabric `namespace` there, waiting up to `wait_s` for each scenario node to announce itself.
+    In-process by default, on an `InprocHub`, or with `private_broker` on a Mosquitto started for
+    the run (so `restart_broker` faults can be injected; needs mosquitto installed). With
+    `broker` (``mqtt://host:port``), against the node daemons in fabric `namespace` there,
+    waiting up to `wait_s` for each scenario node to announce itself.
     `on_start` gets the job's graph (fresh, or rebuilt from the journal with `resume`) before it runs.
     """
     started = time.monotonic()
     faults: list[FaultRecord] = []
-    caps = Capabilities(tier="cloud", cores=1, memory_mb=0, task_kinds=[])
-    cluster: _InprocCluster | _DaemonCluster
-    if broker is None:
-        hub = InprocHub()
-        inproc = cluster = _InprocCluster(scenario, hub)
-        endpoint = Endpoint(
-            ORCHESTRATOR,
-            hub.transport(ORCHESTRATOR),
-            capabilities=caps,
-            heartbeat_s=HEARTBEAT_S,
-            dead_after_s=DEAD_AFTER_S,
-        )
-    else:
-        inproc = None
-        transport = MqttTransport(broker, ORCHESTRATOR, namespace=namespace)
-        endpoint = Endpoint(
-            ORCHESTRATOR,
-            transport,
-            capabilities=caps,
-            heartbeat_s=DAEMON_HEARTBEAT_S,
-            dead_after_s=DAEMON_DEAD_AFTER_S,
-        )
-        cluster = _DaemonCluster(endpoint)
+    cluster, endpoint = await _make_cluster(scenario, broker, namespace, private_broker=private_broker)
+    inproc = cluster if isinstance(cluster, _InprocCluster) else None
     store = Journal(journal) if journal is not None else None
     try:
         await endpoint.start()
@@ -235,6 +243,44 @@ async def run_scenario(
         await endpoint.close()
         if store is not None:
             store.close()
+
+
+async def _make_cluster(
+    scenario: Scenario, broker: str | None, namespace: str, *, private_broker: bool
+) -> tuple[_InprocCluster | _DaemonCluster, Endpoint]:
+    """The nodes (in this process, or daemons on `broker`) and the orchestrator's endpoint."""
+    caps = Capabilities(tier="cloud", cores=1, memory_mb=0, task_kinds=[])
+    cluster: _InprocCluster | _DaemonCluster
+    if broker is None:
+        if private_broker:
+            mosquitto = MosquittoBroker()
+            await asyncio.to_thread(mosquitto.start)
+            run_ns = f"run-{uuid.uuid4().hex[:8]}"
+            cluster = _InprocCluster(
+                scenario, lambda node: MqttTransport(mosquitto.url, node, namespace=run_ns), broker=mosquitto
+            )
+        else:
+            hub = InprocHub()
+            cluster = _InprocCluster(scenario, hub.transport, hub=hub)
+        endpoint = Endpoint(
+            ORCHESTRATOR,
+            cluster.transport(ORCHESTRATOR),
+            links=cluster.links[ORCHESTRATOR],
+            capabilities=caps,
+            heartbeat_s=HEARTBEAT_S,
+            dead_after_s=DEAD_AFTER_S,
+        )
+    else:
+        transport = MqttTransport(broker, ORCHESTRATOR, namespace=namespace)
+        endpoint = Endpoint(
+            ORCHESTRATOR,
+            transport,
+            capabilities=caps,
+            heartbeat_s=DAEMON_HEARTBEAT_S,
+            dead_after_s=DAEMON_DEAD_AFTER_S,
+        )
+        cluster = _DaemonCluster(endpoint)
+    return cluster, endpoint
 
 
 async def _wait_for_nodes(

@@ -176,6 +176,9 @@ class Scenario(_Strict):
     """Faults to inject, by time."""
     expect: Expectations = Field(default_factory=Expectations)
     """What must hold at the end."""
+    orchestrator: NodeId | None = None
+    """The node the orchestrator runs beside, in-process: its messages take that node's links (and
+    its partitions). Unset: the first cloud node, else the first node."""
 
     @model_validator(mode="after")
     def _names_refer_to_known_things(self) -> Scenario:
@@ -185,6 +188,7 @@ class Scenario(_Strict):
 
         if ORCHESTRATOR in self.nodes:
             raise ValueError(f"nodes: {ORCHESTRATOR!r} is the orchestrator's own id; name the node otherwise")
+        node("orchestrator", self.orchestrator)
         for i, link in enumerate(self.links):
             node(f"links.{i}.src", link.src)
             node(f"links.{i}.dst", link.dst)
@@ -245,8 +249,20 @@ class Scenario(_Strict):
             where = paths[exc.index] if exc.index < len(paths) else "workload.tasks (after)"
             raise ValueError(f"{where}: {exc.why}") from None
 
+    @property
+    def orchestrator_host(self) -> str:
+        """The node the orchestrator runs beside (`orchestrator`, or its default)."""
+        if self.orchestrator is not None:
+            return self.orchestrator
+        return next((n for n, spec in self.nodes.items() if spec.tier == "cloud"), next(iter(self.nodes)))
+
     def link(self, src: str, dst: str) -> Link | None:
-        """The link from `src` to `dst`, if the scenario emulates one."""
+        """The link from `src` to `dst`, if the scenario emulates one.
+
+        `ORCHESTRATOR` stands for the node it runs beside (and has no link to that node).
+        """
+        host = self.orchestrator_host
+        src, dst = (host if n == ORCHESTRATOR else n for n in (src, dst))
         for link in self.links:
             if (link.src, link.dst) == (src, dst) or (link.symmetric and (link.dst, link.src) == (src, dst)):
                 return link

@@ -93,10 +93,13 @@ _FAULT_ACTIONS: dict[str, tuple[str, str]] = {
     ),
     "partition": (
         "`node`, `peer`",
-        "Every message between `node` and `peer` is dropped, both ways (each side's link toward the "
-        "other is replaced by one losing everything). In-process, nodes exchange task traffic only "
-        "with the orchestrator, which no scenario link covers, so a partition between two nodes does "
-        "not stop their tasks; placement keeps using the scenario's link figures.",
+        "Every message between `node` and `peer` is dropped, both ways, broadcasts and heartbeats "
+        "included (with `--mqtt`, direct messages only: each side's link toward the other loses "
+        "everything; presence stays, as a broker still sees both sides). A partition from the node "
+        "the orchestrator runs beside cuts the orchestrator off too: it stops hearing the other "
+        "node, declares it dead after its failure-detection bound and reassigns its tasks; results "
+        "sent across the cut are lost. Between two other nodes a partition only matters for what "
+        "they send each other.",
     ),
     "heal": (
         "`node`, `peer`",
@@ -112,9 +115,13 @@ _FAULT_ACTIONS: dict[str, tuple[str, str]] = {
     ),
     "restart_broker": (
         "nothing",
-        "Meant for runs on an MQTT broker, which `flowloom run` cannot do yet (`--broker` is not "
-        "built); in-process there is no broker and the fault is skipped (the report says "
-        "`no broker in-process: skipped`).",
+        "With `flowloom run --mqtt` (nodes in-process on a private Mosquitto started for the run) "
+        "the broker is stopped cleanly and started again on the same port: nodes reconnect by "
+        "themselves and QoS 1 messages sent meanwhile are delivered after; nodes silent for longer "
+        "than the failure-detection bound are declared dead and their tasks reassigned, and results "
+        "that arrive later are counted as ignored. On the in-process hub there is no broker and the "
+        "fault is skipped (`no broker in-process (run with --mqtt for one): skipped`); against "
+        "daemons (`--broker`) it is not injected either (the broker is yours).",
     ),
 }
 """Per fault action: the fields it uses, and what the in-process runner (agents/runner.py) does."""
@@ -501,11 +508,14 @@ def render() -> str:
         "",
         "A link is directed and emulated by its sending node; `symmetric: true` (the default) also "
         "emulates the reverse direction with the same figures. When several entries cover one "
-        "direction, the first one in the file counts. In-process, task traffic (assignments with "
-        "their inputs, results) goes between the orchestrator and the nodes, and no link covers the "
-        "orchestrator: links count in placement, where moving a task's inputs from the node that "
+        "direction, the first one in the file counts. Task traffic (assignments with their inputs, "
+        "results, heartbeats) goes between the orchestrator and the nodes; in-process the "
+        "orchestrator runs beside one node (`orchestrator`, by default the first cloud node), so "
+        "its messages to another node take the links between those two nodes, and share their "
+        "partitions. Links also count in placement, where moving a task's inputs from the node that "
         "produced them to a candidate node is estimated at `bytes x 8 / bandwidth + latency` "
-        "(`loss` does not enter the estimate).",
+        "(`loss` does not enter the estimate). Against node daemons (`--broker`) links count in "
+        "placement only: the network between the daemons is real.",
         "",
         "### Tasks",
         "",

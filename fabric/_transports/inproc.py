@@ -45,10 +45,25 @@ class InprocHub:
         self._members: defaultdict[str, set[str]] = defaultdict(set)
         self.dropped = 0
         """Frames dropped for nodes that were not connected and whose mailbox was full."""
+        self._cut: set[tuple[str, str]] = set()
+        self.partitioned = 0
+        """Frames dropped because a partition separates their sender from a receiver."""
 
     def transport(self, node_id: str) -> InprocTransport:
         """A transport for `node_id` on this hub."""
         return InprocTransport(self, node_id)
+
+    def partition(self, a: str, b: str) -> None:
+        """Drop every frame between nodes `a` and `b`, both ways, broadcasts included, until `heal`.
+
+        Presence is untouched, as a broker still sees both sides of a network partition: each side
+        learns of the other's silence from missed heartbeats.
+        """
+        self._cut |= {(a, b), (b, a)}
+
+    def heal(self, a: str, b: str) -> None:
+        """End the partition between `a` and `b`."""
+        self._cut -= {(a, b), (b, a)}
 
     def _box(self, node: str) -> _Mailbox:
         box = self._boxes.get(node)
@@ -85,7 +100,11 @@ class InprocHub:
             targets = sorted(self._members[address.removeprefix("group:")])
         else:
             targets = [address]
+        cut = self._cut
         for node in targets:
+            if cut and (sender, node) in cut:
+                self.partitioned += 1
+                continue
             await self._deliver(node, frame)
 
     def _attach(self, transport: InprocTransport, groups: list[str]) -> _Mailbox:

@@ -13,7 +13,7 @@ from agents.journal import Journal
 from agents.node import Node
 from agents.orchestrator import Orchestrator
 from fabric import Endpoint, InprocHub
-from protocol import AddEdge, AddTask, Capabilities, Placement, TaskSpec
+from protocol import AddEdge, AddTask, Capabilities, Error, GraphPatch, Placement, TaskSpec
 from tests.fabric.harness import eventually
 
 
@@ -188,6 +188,32 @@ async def test_a_patch_while_running_adds_work_and_a_bad_patch_changes_nothing(c
     await job
     assert graph.task("extra").result == pytest.approx(1.3)
     assert graph.counts()["done"] == 3
+
+
+async def test_patches_over_the_wire_are_taken_only_from_authorised_agents(cluster: Cluster) -> None:
+    await cluster.add("n1")
+    orchestrator = cluster.orchestrator(authorised=["planner"])
+    graph = TaskGraph("job", [spec("slow", "sleep", params={"seconds": 0.5})])
+    job = asyncio.create_task(orchestrator.run(graph, timeout=60))
+    agents = {}
+    for name in ("planner", "mallory"):
+        agents[name] = Endpoint(name, cluster.hub.transport(name), heartbeat_s=0.1)
+        await agents[name].start()
+    try:
+        extra = GraphPatch(job="job", ops=[AddTask(task=spec("extra", params={"value": 7}), after=["slow"])])
+        for sender, body in (("mallory", extra), ("planner", extra.model_copy(update={"job": "other"}))):
+            answer = await agents[sender].request("orchestrator", body, timeout=30)
+            assert isinstance(answer.body, Error) and answer.body.code == "rejected"
+        assert "not authorised" in str(
+            (await agents["mallory"].request("orchestrator", extra, timeout=30)).body.message
+        )
+        assert "extra" not in graph and orchestrator.stats.patches_rejected == 3
+        await agents["planner"].send("orchestrator", extra)
+        await job
+        assert graph.task("extra").result == 7 and graph.counts()["done"] == 2
+    finally:
+        for agent in agents.values():
+            await agent.close()
 
 
 async def test_a_result_can_grow_the_job(cluster: Cluster) -> None:

@@ -110,3 +110,68 @@ async def test_the_report_tells_unfinished_outputs_repeated_kills_and_late_fault
     check = next(e for e in report.expectations if e.name == "output of b")
     assert not check.ok and check.detail == "task is failed"
     assert not report.ok
+
+
+def two_nodes(tasks: list[dict[str, Any]], faults: list[dict[str, Any]], **more: Any) -> Scenario:
+    return Scenario.model_validate(
+        {
+            "name": "faults",
+            "nodes": {"edge-1": {"tier": "edge", "cores": 2}, "cloud-1": {"tier": "cloud", "cores": 2}},
+            "links": [{"src": "edge-1", "dst": "cloud-1", "latency_ms": 5}],
+            "workload": {"tasks": tasks, "timeout_s": 120},
+            "faults": faults,
+            **more,
+        }
+    )
+
+
+async def test_a_partition_from_the_orchestrators_node_moves_work_and_heal_brings_the_node_back() -> None:
+    # The orchestrator runs beside cloud-1: cutting edge-1 off from cloud-1 cuts it off from the job.
+    scenario = two_nodes(
+        [{"id": "edge-work", "kind": "sleep", "tier": "edge", "params": {"seconds": 3}}],
+        [
+            {"at_s": 0.2, "action": "partition", "node": "edge-1", "peer": "cloud-1"},
+            {"at_s": 2.0, "action": "heal", "node": "edge-1", "peer": "cloud-1"},
+        ],
+    )
+    report, orchestrator = await run_scenario(scenario)
+    assert report.ok and report.tasks.done == 1
+    assert [f.target for f in report.faults] == ["cut edge-1 <-> cloud-1", "restored edge-1 <-> cloud-1"]
+    assert orchestrator.stats.reassigned >= 1  # declared dead behind the cut, its task put back
+    kinds = [(e.kind, e.node) for e in orchestrator.events]
+    assert ("dispatch", "edge-1") in kinds and kinds.count(("dispatch", "edge-1")) >= 2  # again after heal
+
+
+async def test_a_restarted_node_takes_work_again() -> None:
+    scenario = two_nodes(
+        [
+            {"id": "first", "kind": "sleep", "tier": "edge", "params": {"seconds": 1}},
+            {"id": "second", "kind": "echo", "tier": "edge", "params": {"value": 2}, "after": ["first"]},
+        ],
+        [
+            {"at_s": 0.2, "action": "kill_node", "node": "edge-1"},
+            {"at_s": 0.6, "action": "restart_node", "node": "edge-1"},
+        ],
+    )
+    report, orchestrator = await run_scenario(scenario)
+    assert report.ok and report.tasks.done == 2 and report.outputs["second"] == 2
+    assert [f.target for f in report.faults] == ["killed edge-1", "restarted edge-1"]
+    assert orchestrator.stats.reassigned == 1 and report.nodes["edge-1"].alive
+
+
+@pytest.mark.usefixtures("broker")  # mosquitto must be there; the run starts a broker of its own
+async def test_a_broker_restart_mid_run_loses_nothing() -> None:
+    scenario = two_nodes(
+        [
+            {"id": "a", "kind": "sleep", "params": {"seconds": 0.5}},
+            {"id": "b", "kind": "sleep", "params": {"seconds": 0.5}},
+            {"id": "c", "kind": "sum", "inputs": {"x": "a", "y": "b"}},
+            {"id": "d", "kind": "echo", "params": {"value": "after"}, "after": ["c"]},
+        ],
+        [{"at_s": 0.2, "action": "restart_broker"}],
+        expect={"outputs": {"c": 1.0, "d": "after"}},
+    )
+    report, orchestrator = await run_scenario(scenario, private_broker=True)
+    assert [f.target for f in report.faults] == ["restarted the broker"]
+    assert report.ok and report.tasks.done == 4
+    assert orchestrator.stats.accepted == 4  # exactly one accepted result per task
