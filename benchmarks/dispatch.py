@@ -71,7 +71,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -90,7 +90,7 @@ from rich.table import Table  # noqa: E402
 from agents.graph import TaskGraph  # noqa: E402
 from agents.node import Node  # noqa: E402
 from agents.orchestrator import Orchestrator  # noqa: E402
-from benchmarks._common import base_parser, gc_paused  # noqa: E402
+from benchmarks._common import base_parser, cpu_choices, gc_paused, pinned, read_line, spawn_script  # noqa: E402
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Capabilities, TaskSpec  # noqa: E402
@@ -109,7 +109,6 @@ RAY_TIMEOUT = 300.0  # seconds for the Ray helper to answer (its start included)
 RAY_CPUS = 2
 RAY_WARMUP = 200
 WARMUP_TASKS = 200
-MAX_PINNED_CPUS = 4
 
 INPROC_TARGET = 5000.0  # inproc_tasks_per_s >= this
 TARGETS = {"inproc_tasks_per_s": f">= {INPROC_TARGET:,.0f}", "inproc_vs_ray": "> 1"}
@@ -226,29 +225,6 @@ async def inproc_run(shape: Shape, n: int, cpu: int | None) -> Run:
             return await timed_job(endpoint, shape, n, cpu)
     except FabricError as exc:  # a node did not come up: reported, not raised
         return Run(shape, n, None, cpu, error=f"{type(exc).__name__}: {exc}")
-
-
-def cpu_choices() -> list[int | None]:
-    """The CPUs the in-process figures are measured on in turn (up to 4), or [None] (no pinning)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return [None]
-    return list(cpus[:MAX_PINNED_CPUS]) if len(cpus) > 1 else [None]
-
-
-@contextlib.contextmanager
-def pinned(cpu: int | None) -> Iterator[None]:
-    """Run this process on `cpu` only, for the duration (nothing when None)."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
 
 
 # --- (3) Ray, in a helper process ---------------------------------------------------------------
@@ -396,26 +372,7 @@ async def node_main(url: str, namespace: str, node_id: str) -> None:
 
 
 async def spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-
-
-async def read_line(proc: asyncio.subprocess.Process, timeout: float, what: str) -> str:
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            line = await proc.stdout.readline()
-    except TimeoutError:
-        raise RuntimeError(f"{what}: said nothing within {timeout:g} s") from None
-    if not line:
-        raise RuntimeError(f"{what}: exited with code {await proc.wait()}")
-    return line.decode().strip()
+    return await spawn_script(SCRIPT, *args)
 
 
 async def reap(proc: asyncio.subprocess.Process) -> dict[str, int] | None:

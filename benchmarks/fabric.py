@@ -113,7 +113,7 @@ from rich.table import Table  # noqa: E402
 
 import protocol  # noqa: E402
 from benchmarks import mqtt_clients  # noqa: E402
-from benchmarks._common import base_parser, gc_paused  # noqa: E402
+from benchmarks._common import base_parser, cpu_choices, gc_paused, pinned, read_line, spawn_script  # noqa: E402
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Envelope, TaskAck, TaskCancel, TaskProgress, TaskResult  # noqa: E402
@@ -130,7 +130,6 @@ RESULT_TIMEOUT = 120.0  # seconds for the receiver's report once the sender is d
 # In-process figures: each repeat runs pinned to each of the first CPUs in turn. On a VM the CPUs
 # need not be alike (here one vCPU at times ran the same request loop 1.6x slower than the other),
 # and which one the scheduler picks is luck; per-CPU figures are in the details.
-MAX_PINNED_CPUS = 4
 TCP_ROUNDS_FACTOR = 5  # raw TCP transfers per blob transfer of ours
 RAW_CONFIG = mqtt_clients.Config(mqtt_clients.PAHO, "v311", 1)
 
@@ -305,29 +304,6 @@ async def inproc_blob(a: Endpoint, b: Endpoint, body: TaskResult) -> tuple[float
     return elapsed, env
 
 
-def cpu_choices() -> list[int | None]:
-    """The CPUs the in-process figures are measured on in turn (up to 4), or [None] (no pinning)."""
-    try:
-        cpus = sorted(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return [None]
-    return list(cpus[:MAX_PINNED_CPUS]) if len(cpus) > 1 else [None]
-
-
-@contextlib.contextmanager
-def pinned(cpu: int | None) -> Iterator[None]:
-    """Run this process on `cpu` only, for the duration (nothing when None)."""
-    if cpu is None:
-        yield
-        return
-    saved = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {cpu})
-    try:
-        yield
-    finally:
-        os.sched_setaffinity(0, saved)
-
-
 async def bench_inproc(
     settings: Settings, bodies: list[TaskProgress], values: dict[int, np.ndarray[Any, Any]]
 ) -> InprocResult:
@@ -376,26 +352,7 @@ async def bench_inproc(
 
 
 async def spawn(*args: str) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
-        sys.executable,
-        str(SCRIPT),
-        *args,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        cwd=ROOT,
-    )
-
-
-async def read_line(proc: asyncio.subprocess.Process, timeout: float, what: str) -> str:
-    assert proc.stdout is not None
-    try:
-        async with asyncio.timeout(timeout):
-            line = await proc.stdout.readline()
-    except TimeoutError:
-        raise RuntimeError(f"{what}: said nothing within {timeout:g} s") from None
-    if not line:
-        raise RuntimeError(f"{what}: exited with code {await proc.wait()}")
-    return line.decode().strip()
+    return await spawn_script(SCRIPT, *args)
 
 
 async def reap(proc: asyncio.subprocess.Process) -> None:

@@ -55,9 +55,18 @@ def finish(proc: subprocess.Popen[str]) -> str:
 
 
 @pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
+def flowloom() -> Iterator[Callable[..., subprocess.Popen[str]]]:
+    """Starts `flowloom ARGS...` in the project root (output captured); kills what is left at the end."""
     started: list[subprocess.Popen[str]] = []
-    yield started
+
+    def start(*args: str) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            [*FLOWLOOM, *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        started.append(proc)
+        return proc
+
+    yield start
     for proc in started:
         if proc.poll() is None:
             proc.kill()
@@ -65,41 +74,36 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
 
 
 def test_the_quickstart_on_node_daemons_survives_a_sigkilled_node(
-    broker: MosquittoBroker, tmp_path: Path, processes: list[subprocess.Popen[str]]
+    broker: MosquittoBroker, tmp_path: Path, flowloom: Callable[..., subprocess.Popen[str]]
 ) -> None:
     namespace = f"t{uuid.uuid4().hex[:12]}"
     daemons = {}
     for node_id, args in NODES.items():
-        cmd = [*FLOWLOOM, "node", "--id", node_id, *args, "--broker", broker.url, "--namespace", namespace]
-        daemons[node_id] = subprocess.Popen(
-            [*cmd, "--heartbeat-s", "0.2"],
-            cwd=ROOT,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        processes.append(daemons[node_id])
-    journal, report_path = tmp_path / "job.sqlite", tmp_path / "report.json"
-    run = subprocess.Popen(
-        [
-            *FLOWLOOM,
-            "run",
-            str(QUICKSTART),
+        daemons[node_id] = flowloom(
+            "node",
+            "--id",
+            node_id,
+            *args,
             "--broker",
             broker.url,
             "--namespace",
             namespace,
-            "--journal",
-            str(journal),
-            "--report",
-            str(report_path),
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+            "--heartbeat-s",
+            "0.2",
+        )
+    journal, report_path = tmp_path / "job.sqlite", tmp_path / "report.json"
+    run = flowloom(
+        "run",
+        str(QUICKSTART),
+        "--broker",
+        broker.url,
+        "--namespace",
+        namespace,
+        "--journal",
+        str(journal),
+        "--report",
+        str(report_path),
     )
-    processes.append(run)
 
     def edge_is_running_a_task() -> bool:
         log = entries(journal, "quickstart")
@@ -129,20 +133,13 @@ def test_the_quickstart_on_node_daemons_survives_a_sigkilled_node(
 
 
 def test_a_sigkilled_run_resumes_from_its_journal_without_redoing_finished_tasks(
-    tmp_path: Path, processes: list[subprocess.Popen[str]]
+    tmp_path: Path, flowloom: Callable[..., subprocess.Popen[str]]
 ) -> None:
     # The resumed run may have nothing left to take off edge-1, so min_reassigned is not asked.
     scenario = tmp_path / "journaled.yaml"
     scenario.write_text(QUICKSTART.read_text().replace("min_reassigned: 1", "min_reassigned: 0"))
     journal, report_path = tmp_path / "job.sqlite", tmp_path / "report.json"
-    first = subprocess.Popen(
-        [*FLOWLOOM, "run", str(scenario), "--journal", str(journal)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    processes.append(first)
+    first = flowloom("run", str(scenario), "--journal", str(journal))
 
     def some_results() -> bool:
         return sum(kind == "result" for kind, _ in entries(journal, "quickstart")) >= 3
