@@ -22,7 +22,7 @@ from agents.orchestrator import JobEvent
 from agents.report import Report
 from agents.runner import run_scenario, write_trace
 from agents.scenario import load_scenario
-from fabric import MqttTransport
+from fabric import FabricError, MqttTransport
 from protocol import Capabilities
 
 __all__ = ["main"]
@@ -194,6 +194,18 @@ async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Con
     return 0
 
 
+def _mqtt_url(value: str) -> str:
+    """An argparse type: ``mqtt://host[:port]``, or a clear error naming what is wrong."""
+    try:
+        url = urllib.parse.urlsplit(value)
+        url.port  # noqa: B018  (raises ValueError on a bad port)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an MQTT URL: {exc}") from None
+    if url.scheme not in ("mqtt", "tcp") or not url.hostname:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an MQTT URL: expected mqtt://host:port")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `flowloom` command; returns the exit code."""
     parser = argparse.ArgumentParser(prog="flowloom", description=__doc__)
@@ -206,7 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--trace", metavar="FILE", help="write a Chrome/Perfetto trace here")
     run.add_argument("--journal", metavar="FILE", help="journal the run in this sqlite file")
     run.add_argument("--resume", action="store_true", help="finish the job journaled in --journal")
-    run.add_argument("--broker", metavar="URL", help="run against node daemons on this MQTT broker")
+    run.add_argument(
+        "--broker", metavar="URL", type=_mqtt_url, help="run against node daemons on this MQTT broker"
+    )
     run.add_argument("--namespace", default="flowloom", help="with --broker: the fabric namespace")
     run.add_argument(
         "--mqtt", action="store_true", help="nodes in-process, over a private Mosquitto (for restart_broker)"
@@ -217,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     node = sub.add_parser("node", help="run a node daemon on an MQTT broker")
     node.add_argument("--id", required=True, help="node id, unique on the fabric")
     node.add_argument("--tier", choices=["device", "edge", "cloud"], required=True)
-    node.add_argument("--broker", required=True, metavar="URL", help="mqtt://host:port")
+    node.add_argument("--broker", required=True, metavar="URL", type=_mqtt_url, help="mqtt://host:port")
     node.add_argument("--namespace", default="flowloom", help="fabric namespace on the broker")
     node.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     node.add_argument("--memory-mb", type=int, default=1024)
@@ -240,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         # plain lines, never wrapped: people grep them and editors jump to file:line
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except FabricError as exc:  # e.g. no broker at that address
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ import math
 import random
 import time
 from collections import defaultdict, deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from protocol import (
     Error,
     GraphPatch,
     PatchOp,
+    ProtocolError,
     TaskAck,
     TaskAssign,
     TaskCancel,
@@ -167,6 +168,7 @@ class Orchestrator:
         speculate_min_s: float = 0.5,
         speculation: bool = True,
         authorised: Sequence[str] = (),
+        nodes: Collection[str] | None = None,
         on_event: Callable[[JobEvent], None] | None = None,
     ) -> None:
         self.endpoint = endpoint
@@ -178,6 +180,8 @@ class Orchestrator:
         self.speculate_min_s = speculate_min_s
         self.speculation = speculation
         self.authorised = set(authorised)
+        self.nodes = None if nodes is None else frozenset(nodes)
+        """The only nodes tasks are placed on; None: every node of the fabric that can run them."""
         self.stats = OrchestratorStats()
         self.events: list[JobEvent] = []
         self._on_event = on_event
@@ -342,12 +346,14 @@ class Orchestrator:
             if link_cost is not None
             else []
         )
-        outstanding_of, estimate = self._outstanding, self._estimates.get
+        outstanding_of, estimate, allowed = self._outstanding, self._estimates.get, self.nodes
         best, best_cost = None, float("inf")
         for peer in self.endpoint.peers.alive():
             caps = peer.capabilities
             node = peer.node
             if caps is None or kind not in caps.task_kinds or (exclude and node in exclude):
+                continue
+            if allowed is not None and node not in allowed:
                 continue
             if tier is not None and caps.tier != tier:
                 continue
@@ -401,10 +407,8 @@ class Orchestrator:
         self._attempts[(task_id, attempt_no)] = attempt
         self._by_task[task_id].add(attempt_no)
         self._outstanding[node] += 1
-        if spec.timeout_s is not None:
-            attempt.timer = asyncio.get_running_loop().call_later(
-                spec.timeout_s, self._on_timeout, task_id, attempt_no
-            )
+        if attempt.started != math.inf:
+            self._arm_timeout(attempt)
         if self.journal is not None:
             env = Envelope.new(src=self.endpoint.node_id, dst=node, body=assign, trace=graph.job)
             self._journal("dispatch", env)
@@ -412,6 +416,12 @@ class Orchestrator:
         self._event("speculate" if speculative else "dispatch", task_id, node, attempt_no)
         try:
             await self.endpoint.send(node, assign, trace=graph.job)
+        except ProtocolError as exc:  # its params or inputs cannot travel: no retry will help
+            log.warning("dispatch of %s failed: %s", task_id, exc)
+            self._give_up_attempt(task_id, attempt_no)
+            if not self._by_task[task_id]:
+                self._retry_or_fail(task_id, f"cannot be sent: {exc}", False, node)
+            self._kick.set()
         except FabricError as exc:  # the node vanished between placement and send: place it again
             log.warning("dispatch of %s to %s failed: %s", task_id, node, exc)
             self._give_up_attempt(task_id, attempt_no)
@@ -624,7 +634,9 @@ class Orchestrator:
         """True when some alive node has fewer tasks outstanding than cores (`free_only` placement)."""
         outstanding = self._outstanding
         return any(
-            peer.capabilities is not None and outstanding.get(peer.node, 0) < peer.capabilities.cores
+            peer.capabilities is not None
+            and outstanding.get(peer.node, 0) < peer.capabilities.cores
+            and (self.nodes is None or peer.node in self.nodes)
             for peer in self.endpoint.peers.alive()
         )
 
@@ -649,8 +661,17 @@ class Orchestrator:
                 nxt = waiting.popleft()
                 if self._attempts.get((nxt.task, nxt.attempt)) is nxt:
                     nxt.started = time.monotonic()
+                    self._arm_timeout(nxt)
                     break
         return attempt
+
+    def _arm_timeout(self, attempt: _Attempt) -> None:
+        """Start the attempt's `timeout_s` from now: it runs from now (not from its dispatch)."""
+        timeout = self._graph().task(attempt.task).spec.timeout_s
+        if timeout is not None:
+            attempt.timer = asyncio.get_running_loop().call_later(
+                timeout, self._on_timeout, attempt.task, attempt.attempt
+            )
 
     def _cores(self, node: str) -> int:
         peer = self.endpoint.peers.get(node)

@@ -11,7 +11,9 @@ faults, the expectations checked and the figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import time
 import uuid
 from collections import Counter
@@ -33,6 +35,8 @@ from fabric.testing import MosquittoBroker
 from protocol import Capabilities
 
 __all__ = ["ORCHESTRATOR", "run_scenario", "write_trace"]
+
+log = logging.getLogger("agents.runner")
 
 HEARTBEAT_S = 0.2
 DEAD_AFTER_S = 1.0
@@ -90,6 +94,7 @@ class _InprocCluster:
         self.links: dict[str, LinkTable] = {}
         self.slowdown: dict[str, float] = {}
         self.cut: set[tuple[str, str]] = set()  # directed links partitioned now
+        self.restarting: asyncio.Future[None] | None = None
         self.links[ORCHESTRATOR] = links_of(scenario, ORCHESTRATOR)
 
     async def start(self, node_id: str) -> None:
@@ -106,8 +111,8 @@ class _InprocCluster:
             links=self.links[node_id],
             slowdown=self.slowdown.get(node_id, 1.0),
         )
+        self.nodes[node_id] = node  # before start: a start cut short is still closed at the end
         await node.start()
-        self.nodes[node_id] = node
 
     async def inject(self, fault: Fault) -> str:
         """Apply `fault`; return what was done, for the report."""
@@ -147,7 +152,10 @@ class _InprocCluster:
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
         if self.broker is None:
             return "no broker in-process (run with --mqtt for one): skipped"
-        await asyncio.to_thread(self.broker.restart)  # a clean stop: sessions and queues survive
+        # A clean stop: sessions and queues survive. Shielded and remembered, so a run that ends
+        # meanwhile waits for the restart before it closes the broker.
+        self.restarting = asyncio.ensure_future(asyncio.to_thread(self.broker.restart))
+        await asyncio.shield(self.restarting)
         return "restarted the broker"
 
     def alive(self, node_id: str) -> bool:
@@ -156,6 +164,9 @@ class _InprocCluster:
     async def close(self) -> None:
         for node in self.nodes.values():
             await node.close(grace_s=0.0)
+        if self.restarting is not None:
+            with contextlib.suppress(Exception):
+                await self.restarting
         if self.broker is not None:
             await asyncio.to_thread(self.broker.close)
 
@@ -196,9 +207,16 @@ async def run_scenario(
     In-process by default, on an `InprocHub`, or with `private_broker` on a Mosquitto started for
     the run (so `restart_broker` faults can be injected; needs mosquitto installed). With
     `broker` (``mqtt://host:port``), against the node daemons in fabric `namespace` there,
-    waiting up to `wait_s` for each scenario node to announce itself.
+    waiting up to `wait_s` in all for the scenario's nodes to announce themselves; tasks go only
+    to the scenario's nodes.
     `on_start` gets the job's graph (fresh, or rebuilt from the journal with `resume`) before it runs.
     """
+    if private_broker and any(f.action in ("partition", "heal") for f in scenario.faults):
+        # A broker carries broadcasts (heartbeats) past any emulated link: the cut would only be
+        # half a cut, and the job would wait on a node it believes alive.
+        raise ScenarioError(
+            f"scenario {scenario.name!r}: partition and heal need the in-process hub; drop --mqtt"
+        )
     started = time.monotonic()
     faults: list[FaultRecord] = []
     cluster, endpoint = await _make_cluster(scenario, broker, namespace, private_broker=private_broker)
@@ -210,7 +228,16 @@ async def run_scenario(
             for node_id in scenario.nodes:
                 await inproc.start(node_id)
         await _wait_for_nodes(endpoint, scenario, wait_s if broker else 10.0, broker, namespace)
-        orchestrator = Orchestrator(endpoint, journal=store, link_cost=link_cost(scenario), on_event=on_event)
+        if broker is not None:
+            for warning in _mismatches(endpoint, scenario):
+                log.warning("%s", warning)
+        orchestrator = Orchestrator(
+            endpoint,
+            journal=store,
+            link_cost=link_cost(scenario),
+            nodes=list(scenario.nodes),  # on a shared broker, other daemons are not this run's
+            on_event=on_event,
+        )
         graph = orchestrator.resume() if resume and store is not None else scenario.graph()
         if on_start is not None:
             on_start(graph)
@@ -230,6 +257,8 @@ async def run_scenario(
             await orchestrator.run(graph, timeout=scenario.workload.timeout_s)
         finally:
             injector.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await injector
         wall = time.monotonic() - started
         for fault in due[len(faults) :]:  # in the report too, so none vanishes unmentioned
             what = f"{fault.node or 'broker'}: not injected, the job had ended"
@@ -271,10 +300,11 @@ async def _make_cluster(
             dead_after_s=DEAD_AFTER_S,
         )
     else:
-        transport = MqttTransport(broker, ORCHESTRATOR, namespace=namespace)
+        # Its own id per run: two runs on one namespace must not take each other's MQTT session.
+        me = f"{ORCHESTRATOR}-{uuid.uuid4().hex[:8]}"
         endpoint = Endpoint(
-            ORCHESTRATOR,
-            transport,
+            me,
+            MqttTransport(broker, me, namespace=namespace),
             capabilities=caps,
             heartbeat_s=DAEMON_HEARTBEAT_S,
             dead_after_s=DAEMON_DEAD_AFTER_S,
@@ -295,12 +325,36 @@ async def _wait_for_nodes(
         except DeadlineExceeded:
             if broker is None:
                 raise
-            tier = scenario.nodes[node_id].tier
+            spec = scenario.nodes[node_id]
+            flags = [
+                f"--id {node_id} --tier {spec.tier} --cores {spec.cores} --memory-mb {spec.memory_mb}",
+                *(f"--label {k}={v}" for k, v in spec.labels.items()),
+                f"--segment {spec.segment}" if spec.segment != "default" else "",
+                "--nat" if spec.nat else "",
+            ]
             raise ScenarioError(
                 f"node {node_id!r} of scenario {scenario.name!r} did not announce itself on {broker} "
-                f"(namespace {namespace!r}) within {wait_s:g}s; start it there: flowloom node --id "
-                f"{node_id} --tier {tier} --broker {broker} --namespace {namespace}"
+                f"(namespace {namespace!r}) within {wait_s:g}s; start it there: flowloom node "
+                f"{' '.join(f for f in flags if f)} --broker {broker} --namespace {namespace}"
             ) from None
+
+
+def _mismatches(endpoint: Endpoint, scenario: Scenario) -> list[str]:
+    """How the daemons' announced capabilities differ from the scenario's nodes."""
+    found = []
+    for node_id in scenario.nodes:
+        peer = endpoint.peers.get(node_id)
+        caps = peer.capabilities if peer is not None else None
+        if caps is None:
+            continue
+        want = capabilities_of(scenario, node_id)
+        for name in ("tier", "cores", "memory_mb", "segment", "reachability", "labels"):
+            if getattr(caps, name) != getattr(want, name):
+                found.append(
+                    f"daemon {node_id} announces {name}={getattr(caps, name)!r}, the scenario says "
+                    f"{getattr(want, name)!r}; placement follows the daemon"
+                )
+    return found
 
 
 def _jsonable(value: Any) -> Any:

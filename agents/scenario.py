@@ -15,7 +15,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from agents.errors import PatchRejected, ScenarioError
 from agents.graph import TaskGraph
 from fabric import LinkSpec
-from protocol import NodeId, Placement, Resources, TaskId, TaskSpec
+from protocol import (
+    AddTask,
+    Envelope,
+    GraphPatch,
+    NodeId,
+    Placement,
+    ProtocolError,
+    Resources,
+    TaskId,
+    TaskSpec,
+    encode,
+)
 
 __all__ = [
     "ORCHESTRATOR",
@@ -282,13 +293,13 @@ def _fits(task: WorkloadTask, name: str, node: NodeSpec) -> bool:
 
 def _is_request(task_id: str, count: int) -> bool:
     number = task_id.removeprefix("request-")
-    return number != task_id and number.isdigit() and int(number) < count
+    return number != task_id and number.isdigit() and str(int(number)) == number and int(number) < count
 
 
 def _spec(path: str, task: WorkloadTask) -> TaskSpec:
     """The wire spec of `task`; `ValueError` naming `path` and the field when it cannot be one."""
     try:
-        return TaskSpec(
+        spec = TaskSpec(
             id=task.id,
             kind=task.kind,
             params=task.params,
@@ -302,6 +313,11 @@ def _spec(path: str, task: WorkloadTask) -> TaskSpec:
         err = exc.errors()[0]
         loc = ".".join(str(p) for p in err["loc"])
         raise ValueError(f"{path}.{loc}: {err['msg'].removeprefix('Value error, ')}") from None
+    try:  # what the models accept may still not encode (an integer beyond 64 bits)
+        encode(Envelope.new(src="scenario", dst="*", body=GraphPatch(job="check", ops=[AddTask(task=spec)])))
+    except ProtocolError as exc:
+        raise ValueError(f"{path}.params: {exc}") from None
+    return spec
 
 
 def load_scenario(path: str | Path) -> Scenario:

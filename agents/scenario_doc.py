@@ -94,8 +94,9 @@ _FAULT_ACTIONS: dict[str, tuple[str, str]] = {
     "partition": (
         "`node`, `peer`",
         "Every message between `node` and `peer` is dropped, both ways, broadcasts and heartbeats "
-        "included (with `--mqtt`, direct messages only: each side's link toward the other loses "
-        "everything; presence stays, as a broker still sees both sides). A partition from the node "
+        "included; presence stays, as a broker still sees both sides. Only the in-process hub can "
+        "cut a broadcast for one receiver, so `flowloom run --mqtt` refuses a scenario with "
+        "partitions. A partition from the node "
         "the orchestrator runs beside cuts the orchestrator off too: it stops hearing the other "
         "node, declares it dead after its failure-detection bound and reassigns its tasks; results "
         "sent across the cut are lost. Between two other nodes a partition only matters for what "

@@ -255,6 +255,7 @@ class Endpoint:
         self._listeners: list[Callable[[PeerEvent], None]] = []
         self._state: Literal["new", "running", "closed"] = "new"
         self._background: asyncio.Task[None] | None = None
+        self._strays: set[asyncio.Task[None]] = set()
 
     @property
     def bulk_listener(self) -> BulkListener | None:
@@ -440,10 +441,27 @@ class Endpoint:
             trace=env.trace,
             deadline=env.deadline,
         )
-        await self._transmit(env.dst, encode(ref, signer=self._signer))
+        try:
+            await self._transmit(env.dst, encode(ref, signer=self._signer))
+        except BaseException:  # cancelled or failed: the stored frame would wait for a ref in vain
+            self._withdraw_bulk(ref)
+            raise
         self.stats.bulk_sent += 1
         self.stats.blobs_sent += 1
         return True
+
+    def _withdraw_bulk(self, ref: Envelope) -> None:
+        """Send, in the background, a copy of `ref` that arrives expired: the receiver frees the frame."""
+        late = Envelope.new(src=self.node_id, dst=ref.dst, body=ref.body, deadline=time.time() - 1.0)
+
+        async def withdraw() -> None:
+            with contextlib.suppress(FabricError, TimeoutError):
+                async with asyncio.timeout(5.0):
+                    await self._transmit(late.dst, encode(late, signer=self._signer))
+
+        task = asyncio.create_task(withdraw(), name=f"bulk-withdraw:{self.node_id}")
+        self._strays.add(task)  # held until done: the loop keeps only weak references to tasks
+        task.add_done_callback(self._strays.discard)
 
     async def _transmit(self, address: str, frame: bytes) -> None:
         if self.links is not None:

@@ -84,6 +84,7 @@ class Verifier:
         self.replay_capacity = replay_capacity
         self._clock = clock
         self._seen: OrderedDict[str, float] = OrderedDict()
+        self._graced: OrderedDict[str, float] = OrderedDict()  # id -> when it is stale even with grace
         self._floor = 0.0
 
     def check(self, envelope: Envelope, frame: Buffer, *, fresh: bool = True, grace_s: float = 0.0) -> None:
@@ -115,14 +116,20 @@ class Verifier:
         if age > self.max_skew_s + grace_s or age < -self.max_skew_s:
             accepted = f"+-{self.max_skew_s:g}s" + (f" (+{grace_s:g}s for its transfer)" if grace_s else "")
             raise StaleError(f"{who}: timestamp is {age:+.1f}s from this clock; accepted skew is {accepted}")
-        # Inside a transfer the carrier already passed the horizon check; the floor could refuse
-        # a frame older than it that its own transfer made old.
-        if not grace_s and envelope.ts <= self._floor:
-            raise StaleError(f"{who}: timestamp is at or below the replay horizon {self._floor:.3f}")
-        if envelope.id in self._seen:
+        if envelope.id in self._seen or envelope.id in self._graced:
             raise ReplayError(f"{who} was already accepted (replayed id)")
-        # Kept until it is stale even with its grace, so it cannot be replayed within it.
-        self._remember(envelope.id, envelope.ts + grace_s, now)
+        if grace_s:
+            # Inside a transfer the carrier already passed the horizon check (the floor could
+            # refuse a frame its own transfer made old). Its id is kept apart, until it is stale
+            # even with its grace, so it never moves the floor that guards everything else.
+            graced = self._graced
+            graced[envelope.id] = envelope.ts + grace_s + self.max_skew_s
+            while graced and (next(iter(graced.values())) < now or len(graced) > self.replay_capacity):
+                graced.popitem(last=False)
+            return
+        if envelope.ts <= self._floor:
+            raise StaleError(f"{who}: timestamp is at or below the replay horizon {self._floor:.3f}")
+        self._remember(envelope.id, envelope.ts, now)
 
     def _remember(self, envelope_id: str, ts: float, now: float) -> None:
         seen = self._seen

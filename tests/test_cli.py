@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from agents.cli import loopback_warning, main
+from fabric.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = ROOT / "scenarios" / "quickstart.yaml"
@@ -139,3 +140,13 @@ def test_a_node_warns_when_its_bulk_address_cannot_be_dialled_from_other_machine
     assert (warning is not None) == warned
     if warning:
         assert "--bulk-advertise" in warning and str(bulk) in warning
+
+
+def test_a_broker_that_is_no_url_or_is_not_there_gets_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["run", str(QUICKSTART), "--broker", "localhost:1883"])
+    assert exit_info.value.code == 2
+    assert "'localhost:1883' is not an MQTT URL: expected mqtt://host:port" in capsys.readouterr().err
+    assert main(["run", str(QUICKSTART), "--broker", f"mqtt://127.0.0.1:{free_port()}"]) == 3
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot connect") and "Connection refused" in err and "Traceback" not in err

@@ -110,6 +110,19 @@ def test_an_envelope_from_a_long_transfer_is_accepted_within_its_grace_once() ->
         decode(frame, verifier=Verifier({"k1": KEY}, clock=Clock(env.ts - 45)), grace_s=100)
 
 
+def test_envelopes_taken_with_grace_never_shut_out_fresh_ones() -> None:
+    """A graced id is remembered apart: even evicted from a full cache it cannot raise the floor."""
+    clock = Clock(1_000_000.0)
+    verifier = Verifier({"k1": KEY}, replay_capacity=2, clock=clock)
+    signer = Signer("k1", KEY)
+    for seq in range(3):  # graced ids overflow their cache
+        old = beat(seq).model_copy(update={"ts": clock.now - 40})
+        decode(encode(old, signer=signer), verifier=verifier, grace_s=60)
+    for seq in range(3, 8):  # and fresh envelopes, overflowing the other cache, still pass
+        fresh = beat(seq).model_copy(update={"ts": clock.now + seq * 0.001})
+        decode(encode(fresh, signer=signer), verifier=verifier)
+
+
 def test_the_replay_cache_is_bounded_yet_no_replay_slips_through() -> None:
     clock = Clock(1_000_000.0)
     verifier = Verifier({"k1": KEY}, replay_capacity=10, clock=clock)
@@ -130,7 +143,8 @@ def test_ids_older_than_the_skew_window_are_forgotten() -> None:
     verifier = Verifier({"k1": KEY}, max_skew_s=5, clock=clock)
     signer = Signer("k1", KEY)
     for seq in range(20):
-        decode(encode(beat(seq).model_copy(update={"ts": clock.now}), signer=signer), verifier=verifier)
+        fresh = beat(seq).model_copy(update={"ts": clock.now + seq * 0.001})
+        decode(encode(fresh, signer=signer), verifier=verifier)
         clock.now += 1
     assert len(verifier._seen) <= 6
 

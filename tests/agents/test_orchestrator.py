@@ -190,6 +190,25 @@ async def test_a_patch_while_running_adds_work_and_a_bad_patch_changes_nothing(c
     assert graph.counts()["done"] == 3
 
 
+async def test_a_task_timeout_counts_from_when_it_can_run_not_from_its_dispatch(cluster: Cluster) -> None:
+    await cluster.add("a", cores=1)
+    orchestrator = cluster.orchestrator()
+    tasks = [spec(f"t{i}", "sleep", params={"seconds": 0.4}, timeout_s=1.0) for i in range(4)]
+    graph = await orchestrator.run(TaskGraph("job", tasks), timeout=60)
+    # the last one waited 1.2 s in a's queue, then ran 0.4 s of its 1 s
+    assert graph.counts()["done"] == 4 and orchestrator.stats.timeouts == 0
+
+
+async def test_tasks_go_only_to_the_nodes_the_orchestrator_is_given(cluster: Cluster) -> None:
+    await cluster.add("mine")
+    await cluster.add("stranger", cores=8)
+    graph = await cluster.orchestrator(nodes=["mine"]).run(
+        TaskGraph("job", [spec(f"t{i}") for i in range(6)]), timeout=60
+    )
+    assert {graph.task(f"t{i}").node for i in range(6)} == {"mine"}
+    assert cluster.nodes["stranger"].stats.assigned == 0
+
+
 async def test_patches_over_the_wire_are_taken_only_from_authorised_agents(cluster: Cluster) -> None:
     await cluster.add("n1")
     orchestrator = cluster.orchestrator(authorised=["planner"])

@@ -66,6 +66,10 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
             r"workload\.tasks\.0: no node can run task 'a'",
         ),
         (
+            lambda d: d["workload"]["tasks"][0].update(params={"big": 1 << 70}),
+            r"workload\.tasks\.0\.params: cannot encode",
+        ),
+        (
             lambda d: d.update(faults=[{"at_s": 0, "action": "slow_node", "node": "edge-1", "factor": 0.5}]),
             r"faults\.0\.factor: Input should be greater than 1",
         ),
@@ -85,9 +89,10 @@ def test_generated_requests_may_be_expected_by_name(tmp_path: Path) -> None:
     data["workload"]["generate"] = {"count": 3, "kind": "echo", "params": {"value": 7}}
     data["expect"] = {"outputs": {"request-2": 7}}
     assert load_scenario(write(tmp_path, data)).expect.outputs == {"request-2": 7}
-    data["expect"] = {"outputs": {"request-3": 7}}
-    with pytest.raises(ScenarioError, match="unknown task 'request-3'"):
-        load_scenario(write(tmp_path, data))
+    for wrong in ("request-3", "request-01"):  # beyond the count; not how requests are named
+        data["expect"] = {"outputs": {wrong: 7}}
+        with pytest.raises(ScenarioError, match=f"unknown task '{wrong}'"):
+            load_scenario(write(tmp_path, data))
 
 
 async def test_the_report_tells_unfinished_outputs_repeated_kills_and_late_faults() -> None:
@@ -175,3 +180,12 @@ async def test_a_broker_restart_mid_run_loses_nothing() -> None:
     assert [f.target for f in report.faults] == ["restarted the broker"]
     assert report.ok and report.tasks.done == 4
     assert orchestrator.stats.accepted == 4  # exactly one accepted result per task
+
+
+async def test_partitions_are_refused_on_a_private_broker_which_cannot_cut_broadcasts() -> None:
+    scenario = two_nodes(
+        [{"id": "a", "kind": "echo"}],
+        [{"at_s": 0.1, "action": "partition", "node": "edge-1", "peer": "cloud-1"}],
+    )
+    with pytest.raises(ScenarioError, match="partition and heal need the in-process hub; drop --mqtt"):
+        await run_scenario(scenario, private_broker=True)

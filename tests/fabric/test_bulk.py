@@ -538,3 +538,33 @@ def test_a_listener_on_every_interface_must_say_what_to_advertise() -> None:
         BulkListener("0.0.0.0:0", node_id="rx")
     with pytest.raises(ValueError, match="not host:port"):
         BulkListener("localhost", node_id="rx")
+
+
+async def test_a_send_cancelled_between_its_stream_and_its_blob_ref_frees_the_frame(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    fabric = Harness("inproc")
+    try:
+        a, b = await fabric.endpoint("a"), await fabric.endpoint("b", bulk=LOCAL)
+        await knows_bulk_address(a, "b")
+        listener = b.bulk_listener
+        assert listener is not None
+        real_transmit, stuck = a._transmit, asyncio.Event()
+
+        async def transmit(address: str, frame: bytes) -> None:
+            if address == "b" and not stuck.is_set():  # the first frame to b is the blob.ref: it hangs
+                stuck.set()
+                await asyncio.Event().wait()
+            await real_transmit(address, frame)
+
+        monkeypatch.setattr(a, "_transmit", transmit)
+        send = asyncio.create_task(a.send("b", result(np.zeros(2 << 20, dtype=np.uint8))))
+        await stuck.wait()
+        assert listener.held_bytes > 0  # stored, waiting for a blob.ref that will never come
+        send.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await send
+        await eventually(lambda: listener.held_bytes == 0, what="the orphaned frame freed")
+        assert b.stats.expired == 1 and b.stats.received == 0
+    finally:
+        await fabric.close()
