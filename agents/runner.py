@@ -30,7 +30,7 @@ from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
-from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkSpec, LinkTable, MqttTransport, Transport
+from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkTable, MqttTransport, Transport
 from fabric.testing import MosquittoBroker
 from protocol import Capabilities
 
@@ -93,15 +93,11 @@ class _InprocCluster:
         self.nodes: dict[str, Node] = {}
         self.links: dict[str, LinkTable] = {}
         self.slowdown: dict[str, float] = {}
-        self.cut: set[tuple[str, str]] = set()  # directed links partitioned now
         self.restarting: asyncio.Future[None] | None = None
         self.links[ORCHESTRATOR] = links_of(scenario, ORCHESTRATOR)
 
     async def start(self, node_id: str) -> None:
         self.links[node_id] = links_of(self.scenario, node_id)
-        for src, dst in self.cut:  # a restarted node comes back into the partitions still in force
-            if src == node_id:
-                self.links[node_id].set(dst, LinkSpec(loss=1.0))
         node = Node(
             node_id,
             self.transport(node_id),
@@ -132,23 +128,19 @@ class _InprocCluster:
             self.nodes[name].slowdown = fault.factor
             return f"{name} runs {fault.factor:g}x slower"
         if fault.action in ("partition", "heal"):
+            # The hub cuts everything, heartbeats included, and keeps the cut across a node's
+            # restart (run_scenario refuses partitions where there is no hub).
+            assert self.hub is not None
             peer = fault.peer or ""
             host = self.scenario.orchestrator_host
 
             def side(node: str) -> list[str]:  # the orchestrator shares its host's fate
                 return [node, ORCHESTRATOR] if node == host else [node]
 
-            pairs = [(a, b) for x, y in ((name, peer), (peer, name)) for a in side(x) for b in side(y)]
-            for a, b in pairs:
-                link = self.scenario.link(a, b)
-                if self.hub is not None:  # the hub cuts broadcasts (heartbeats) too
-                    (self.hub.partition if fault.action == "partition" else self.hub.heal)(a, b)
-                if fault.action == "partition":
-                    self.cut.add((a, b))
-                    self.links[a].set(b, LinkSpec(loss=1.0))
-                else:
-                    self.cut.discard((a, b))
-                    self.links[a].set(b, None if link is None else link.spec())
+            act = self.hub.partition if fault.action == "partition" else self.hub.heal
+            for a in side(name):
+                for b in side(peer):
+                    act(a, b)
             return f"{'cut' if fault.action == 'partition' else 'restored'} {name} <-> {peer}"
         if self.broker is None:
             return "no broker in-process (run with --mqtt for one): skipped"
