@@ -20,7 +20,16 @@ from typing import Any
 
 from rich.console import Console
 
-__all__ = ["base_parser", "cpu_choices", "emit", "gc_paused", "pinned", "read_line", "spawn_script"]
+__all__ = [
+    "base_parser",
+    "cpu_choices",
+    "emit",
+    "emit_live",
+    "gc_paused",
+    "pinned",
+    "read_line",
+    "spawn_script",
+]
 
 MAX_PINNED_CPUS = 4
 """In-process figures are measured pinned to each of at most this many CPUs in turn."""
@@ -52,6 +61,23 @@ def emit(result: dict[str, Any], *, as_json: bool, render: Callable[[dict[str, A
         print(json.dumps(result))
     else:
         render(result, Console())
+
+
+def emit_live(
+    measure: Callable[[Callable[[str], None]], dict[str, Any]],
+    *,
+    as_json: bool,
+    render: Callable[[dict[str, Any], Console], None],
+) -> None:
+    """Like `emit`, for a long benchmark: `measure(progress)` runs under a status line (when not
+    printing JSON) that shows what `progress` last said."""
+    if as_json:
+        print(json.dumps(measure(lambda _: None)))
+        return
+    console = Console()
+    with console.status("starting") as status:
+        result = measure(status.update)
+    render(result, console)
 
 
 def cpu_choices() -> list[int | None]:

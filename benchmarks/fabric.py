@@ -113,7 +113,7 @@ from rich.table import Table  # noqa: E402
 
 import protocol  # noqa: E402
 from benchmarks import mqtt_clients  # noqa: E402
-from benchmarks._common import base_parser, cpu_choices, gc_paused, pinned, read_line, spawn_script  # noqa: E402
+from benchmarks._common import base_parser, cpu_choices, emit_live, gc_paused, pinned, read_line, spawn_script  # noqa: E402
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Envelope, TaskAck, TaskCancel, TaskProgress, TaskResult  # noqa: E402
@@ -1040,13 +1040,7 @@ def main(argv: list[str] | None = None) -> int:
         tcp_server_main()
         return 0
     settings = Settings.of(args.quick)
-    if args.json:
-        print(json.dumps(run(settings, lambda _: None)))
-        return 0
-    console = Console()
-    with console.status("starting") as status:
-        result = run(settings, status.update)
-    render(result, console)
+    emit_live(lambda progress: run(settings, progress), as_json=args.json, render=render)
     return 0
 
 
