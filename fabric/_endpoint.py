@@ -67,7 +67,7 @@ __all__ = ["BULK_RETRY_S", "TERMINAL_KINDS", "Endpoint", "EndpointStats"]
 
 log = logging.getLogger("fabric.endpoint")
 
-TERMINAL_KINDS = frozenset({"task.result", "task.failed", "error"})
+TERMINAL_KINDS = frozenset({"task.result", "task.failed", "call.result", "error"})
 """Kinds that end a stream of replies."""
 
 _FRAME_SLACK = 4096  # an envelope whose frame is at most chunk_size + this travels unchunked

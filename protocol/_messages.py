@@ -17,6 +17,8 @@ __all__ = [
     "BlobRef",
     "Body",
     "Bye",
+    "Call",
+    "CallResult",
     "Capabilities",
     "Error",
     "ErrorCode",
@@ -350,6 +352,32 @@ class GraphPatch(WireModel):
     """Why, for people and traces."""
 
 
+class Call(WireModel):
+    """Ask a node's service to run one method; answered by `call.result` or an `error`.
+
+    Services are long-lived parts of a node that keep state between calls (a model stage with
+    its KV caches, say); task executors and other services reach them with calls like this one.
+    """
+
+    kind: Literal["call"] = "call"
+    service: str = Field(min_length=1, max_length=128)
+    """The service's name, e.g. ``llm.stage``."""
+    method: str = Field(min_length=1, max_length=128)
+    """The method of the service to run."""
+    args: dict[str, WireValue] = Field(default_factory=dict)
+    """Named arguments, passed to the method as they are."""
+
+
+class CallResult(WireModel):
+    """A service method's return value, correlated to its `call`."""
+
+    kind: Literal["call.result"] = "call.result"
+    value: WireValue = None
+    """What the method returned."""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    """Figures measured while running it, e.g. ``{"compute_s": 0.004}``."""
+
+
 class BlobChunk(WireModel):
     """One piece of a payload too large for a single frame (see `protocol.split_blob`)."""
 
@@ -423,6 +451,8 @@ Body = Annotated[
     | TaskFailed
     | TaskCancel
     | GraphPatch
+    | Call
+    | CallResult
     | BlobChunk
     | BlobRef
     | Relay

@@ -20,6 +20,8 @@ PROTOCOL_API = [
     "BulkHeader",
     "BulkStatus",
     "Bye",
+    "Call",
+    "CallResult",
     "Capabilities",
     "ChunkError",
     "DecodeError",
