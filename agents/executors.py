@@ -1,7 +1,8 @@
 """Executors: the code that runs a task of a given kind, found by kind through a registry.
 
 An executor is an async callable taking a `TaskContext` and returning the task's value (anything
-that can travel on the wire), or an `Expand` to also patch the job's graph. Executors are found
+that can travel on the wire), an `Expand` to also patch the job's graph, or a `Measured` to
+also report figures. Executors are found
 by task kind: first those registered in code, then the ``flowloom.executors`` entry points of
 installed packages, loaded on first use. That is how backends plug in without the agents layer
 importing them::
@@ -15,12 +16,25 @@ from __future__ import annotations
 import importlib.metadata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from agents.errors import UnknownTaskKind
 from protocol import PatchOp
 
-__all__ = ["ENTRY_POINT_GROUP", "Executor", "ExecutorRegistry", "Expand", "TaskContext"]
+if TYPE_CHECKING:
+    from agents.services import Fabric
+
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Executor",
+    "ExecutorRegistry",
+    "Expand",
+    "Measured",
+    "PluginRegistry",
+    "TaskContext",
+]
+
+T = TypeVar("T")
 
 ENTRY_POINT_GROUP = "flowloom.executors"
 
@@ -42,6 +56,9 @@ class TaskContext:
     node: str
     params: dict[str, Any] = field(default_factory=dict)
     inputs: dict[str, Any] = field(default_factory=dict)
+    fabric: Fabric | None = None
+    """The running node's handle on the fabric (peers, link costs, calls to services); None in
+    executors run outside a node."""
     _progress: ProgressSink = _no_progress
 
     async def progress(self, fraction: float | None = None, message: str = "", data: Any = None) -> None:
@@ -57,39 +74,57 @@ class Expand:
     patch: list[PatchOp]
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A task result with figures the executor measured (they reach the run report's figures)."""
+
+    value: Any
+    metrics: dict[str, float]
+
+
 Executor = Callable[[TaskContext], Awaitable[Any]]
 
 
-class ExecutorRegistry:
-    """Task kind -> executor: registered in code, or from installed entry points on first use."""
+class PluginRegistry(Generic[T]):
+    """Name -> plugin: registered in code, or from an entry point group on first use."""
 
-    def __init__(self, executors: Mapping[str, Executor] | None = None, *, entry_points: bool = True) -> None:
-        self._executors: dict[str, Executor] = dict(executors or {})
+    group: str = ""
+    """The entry point group searched; subclasses set it."""
+    what: str = "plugin"
+    """What a plugin is called in error messages."""
+
+    def __init__(self, plugins: Mapping[str, T] | None = None, *, entry_points: bool = True) -> None:
+        self._plugins: dict[str, T] = dict(plugins or {})
         self._entry_points = (
-            {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
-            if entry_points
-            else {}
+            {ep.name: ep for ep in importlib.metadata.entry_points(group=self.group)} if entry_points else {}
         )
 
-    def register(self, kind: str, executor: Executor) -> None:
-        """Run tasks of `kind` with `executor` (replacing any other for that kind)."""
-        self._executors[kind] = executor
+    def register(self, name: str, plugin: T) -> None:
+        """Use `plugin` for `name` (replacing any other)."""
+        self._plugins[name] = plugin
 
     def kinds(self) -> list[str]:
-        """Every kind this registry can run, without importing anything."""
-        return sorted({*self._executors, *self._entry_points})
+        """Every name this registry knows, without importing anything."""
+        return sorted({*self._plugins, *self._entry_points})
 
-    def get(self, kind: str) -> Executor:
-        """The executor of `kind`; `UnknownTaskKind` naming the kinds there are."""
-        executor = self._executors.get(kind)
-        if executor is not None:
-            return executor
-        entry = self._entry_points.get(kind)
+    def get(self, name: str) -> T:
+        """The plugin for `name`; `UnknownTaskKind` naming the ones there are."""
+        plugin = self._plugins.get(name)
+        if plugin is not None:
+            return plugin
+        entry = self._entry_points.get(name)
         if entry is None:
-            raise UnknownTaskKind(f"no executor for task kind {kind!r}; this node runs {self.kinds()}")
+            raise UnknownTaskKind(f"no {self.what} {name!r}; this node has {self.kinds()}")
         try:
-            loaded = entry.load()
+            loaded: T = entry.load()
         except Exception as exc:  # a broken plugin is the plugin's fault: say which and why
-            raise UnknownTaskKind(f"executor {kind!r} ({entry.value}) failed to load: {exc}") from exc
-        self._executors[kind] = loaded
-        return loaded  # type: ignore[no-any-return]
+            raise UnknownTaskKind(f"{self.what} {name!r} ({entry.value}) failed to load: {exc}") from exc
+        self._plugins[name] = loaded
+        return loaded
+
+
+class ExecutorRegistry(PluginRegistry[Executor]):
+    """Task kind -> executor: registered in code, or from ``flowloom.executors`` entry points."""
+
+    group = ENTRY_POINT_GROUP
+    what = "executor for task kind"

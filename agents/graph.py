@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
 import networkx as nx
@@ -69,6 +69,8 @@ class Task:
     """Why the task failed or was cancelled."""
     node: str | None = None
     """The node the task runs or ran on."""
+    metrics: dict[str, float] = field(default_factory=dict)
+    """Figures the executor measured in the accepted attempt (besides ``compute_s``)."""
 
 
 def _cycle(path: Sequence[str]) -> str:

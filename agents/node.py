@@ -26,9 +26,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agents.errors import ExecutorFailed, UnknownTaskKind
-from agents.executors import ExecutorRegistry, Expand, TaskContext
+from agents.executors import ExecutorRegistry, Expand, Measured, TaskContext
+from agents.services import Fabric, LinkCost, ServiceHost, ServiceRegistry
 from fabric import Endpoint, FabricError, LinkTable, Transport
 from protocol import (
+    Call,
     Capabilities,
     Envelope,
     Heartbeat,
@@ -90,6 +92,8 @@ class Node:
         bulk: str | None = None,
         bulk_advertise: str | None = None,
         slowdown: float = 1.0,
+        services: ServiceRegistry | None = None,
+        link_cost: LinkCost | None = None,
     ) -> None:
         self.node_id = node_id
         self.registry = registry or ExecutorRegistry()
@@ -112,6 +116,10 @@ class Node:
             bulk_advertise=bulk_advertise,
             heartbeat=self._heartbeat,
         )
+        self.services = ServiceHost(node_id, services or ServiceRegistry())
+        self.fabric = Fabric(self.endpoint, self.capabilities, self.services, link_cost)
+        """This node's handle on the fabric, as its executors and services get it."""
+        self.services.fabric = self.fabric
         self._slots = asyncio.Semaphore(self.concurrency)
         self._runs: dict[tuple[str, str, int], _Run] = {}
         self._state = "new"
@@ -180,6 +188,7 @@ class Node:
             self._serve.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._serve
+        await self.services.close()
         await (self.endpoint.close() if graceful else self.endpoint.crash())
         self._closed.set()
 
@@ -203,6 +212,8 @@ class Node:
                     await self._on_assign(env, body)
                 elif isinstance(body, TaskCancel):
                     self._on_cancel(body)
+                elif isinstance(body, Call) and self._state != "closed":
+                    self.services.serve(env, body, self.endpoint.reply)
             except FabricError as exc:  # the orchestrator learns of it from missed answers
                 log.warning("%s: could not answer %s from %s: %s", self.node_id, env.kind, env.src, exc)
 
@@ -273,6 +284,7 @@ class Node:
             node=self.node_id,
             params=dict(body.params),
             inputs=dict(body.inputs),
+            fabric=self.fabric,
             _progress=progress,
         )
         started = time.perf_counter()
@@ -292,11 +304,13 @@ class Node:
         compute_s = time.perf_counter() - started
         if self.slowdown > 1.0:  # an emulated straggler: as if the machine were this much slower
             await asyncio.sleep(compute_s * (self.slowdown - 1.0))
-        patch = []
+        patch, metrics = [], {"compute_s": compute_s}
         if isinstance(value, Expand):
             value, patch = value.value, value.patch
+        if isinstance(value, Measured):
+            value, metrics = value.value, {**value.metrics, **metrics}
         try:
-            result = TaskResult(**ids, value=value, patch=patch, metrics={"compute_s": compute_s})
+            result = TaskResult(**ids, value=value, patch=patch, metrics=metrics)
         except ValueError as exc:
             self.stats.failed += 1
             return TaskFailed(

@@ -472,6 +472,7 @@ class Orchestrator:
                 self._background(self._send_quietly(other.node, cancel), f"cancel:{body.task}")
         graph.mark_done(body.task, body.value)
         task.node = attempt.node
+        task.metrics = {k: v for k, v in body.metrics.items() if k != "compute_s"}
         self._produced_on[body.task] = attempt.node
         self.stats.accepted += 1
         compute = body.metrics.get("compute_s")

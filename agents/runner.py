@@ -427,6 +427,9 @@ def _report(
         "patches_applied": stats.patches_applied,
         "patches_rejected": stats.patches_rejected,
     }
+    for task_id in graph.order():  # what executors measured, e.g. "chat.tokens_per_s"
+        measured = graph.task(task_id).metrics
+        figures.update({f"{task_id}.{name}": value for name, value in measured.items()})
     return Report(
         scenario=scenario.name,
         ok=all(c.ok for c in checks),
