@@ -135,6 +135,7 @@ def _node(args: argparse.Namespace, console: Console) -> int:
         segment=args.segment,
         reachability="nat" if args.nat else "public",
         labels=labels,
+        models=args.model,
     )
     return asyncio.run(_serve_node(args, caps, console))
 
@@ -238,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     node.add_argument("--segment", default="default")
     node.add_argument("--nat", action="store_true", help="this node cannot be dialled")
     node.add_argument("--label", action="append", default=[], metavar="KEY=VALUE")
+    node.add_argument(
+        "--model", action="append", default=[], metavar="NAME", help="a model this node can load stages of"
+    )
     node.add_argument("--bulk", metavar="HOST:PORT", help="accept large tensors directly here")
     node.add_argument("--bulk-advertise", metavar="HOST:PORT", help="the address peers dial for --bulk")
     node.add_argument("--heartbeat-s", type=float, default=1.0)

@@ -54,6 +54,7 @@ def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
         segment=spec.segment,
         reachability="nat" if spec.nat else "public",
         labels=spec.labels,
+        models=spec.models,
     )
 
 
@@ -106,6 +107,7 @@ class _InprocCluster:
             dead_after_s=DEAD_AFTER_S,
             links=self.links[node_id],
             slowdown=self.slowdown.get(node_id, 1.0),
+            link_cost=link_cost(self.scenario),
         )
         self.nodes[node_id] = node  # before start: a start cut short is still closed at the end
         await node.start()
@@ -340,7 +342,7 @@ def _mismatches(endpoint: Endpoint, scenario: Scenario) -> list[str]:
         if caps is None:
             continue
         want = capabilities_of(scenario, node_id)
-        for name in ("tier", "cores", "memory_mb", "segment", "reachability", "labels"):
+        for name in ("tier", "cores", "memory_mb", "segment", "reachability", "labels", "models"):
             if getattr(caps, name) != getattr(want, name):
                 found.append(
                     f"daemon {node_id} announces {name}={getattr(caps, name)!r}, the scenario says "

@@ -66,6 +66,8 @@ class NodeSpec(_Strict):
     """True when the node cannot be dialled from other segments."""
     labels: dict[str, str] = {}
     """Free labels for placement constraints."""
+    models: list[str] = []
+    """Models the node can load stages of (``smollm2-135m``, ``tiny-llama``, a directory)."""
 
 
 class Link(_Strict):

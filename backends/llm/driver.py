@@ -17,7 +17,6 @@ failed step again. Greedy text after a failover is the text without one, at any 
 from __future__ import annotations
 
 import asyncio
-import functools
 import itertools
 import logging
 import time
@@ -27,24 +26,18 @@ from typing import Any
 
 from agents.services import CallFailed, Fabric, Reply
 from backends.llm.errors import LlmError, NoStageNode
-from backends.llm.models import ModelInfo, model_info
+from backends.llm.models import ModelInfo
 from backends.llm.plan import Plan, StagePlacement, plan_stages, replacement
 from backends.llm.stage import SERVICE, WIRE_DTYPES
 from fabric import FabricError, PeerUnreachable
 from protocol import new_id
 
-__all__ = ["Failover", "Generation", "SplitGenerator", "cached_model_info"]
+__all__ = ["Failover", "Generation", "SplitGenerator"]
 
 log = logging.getLogger("backends.llm.driver")
 
 TokenSink = Callable[[int, int], Awaitable[None]]
 """Called with (session index, token) as each token arrives."""
-
-
-@functools.lru_cache(maxsize=8)
-def cached_model_info(model: str) -> ModelInfo:
-    """`model_info`, read once per process."""
-    return model_info(model)
 
 
 @dataclass
@@ -111,6 +104,8 @@ class SplitGenerator:
         self.plan = plan
         self.step_timeout_s = step_timeout_s
         self.max_failovers = max_failovers
+        self.stop_ids: tuple[int, ...] = ()
+        """The model's end-of-text tokens, known once planned."""
         self.lost: set[str] = set()
         """Nodes found dead; never given a stage again by this generator."""
 
@@ -131,10 +126,14 @@ class SplitGenerator:
     async def make_plan(self) -> Plan:
         """The stage plan: given at construction, or cut now over the live candidates."""
         if self.plan is None:
-            info = await asyncio.to_thread(cached_model_info, self.model)
             nodes = self.candidates()
             if not nodes:
                 raise NoStageNode(f"no live node announces model {self.model!r} (capabilities.models)")
+            # The driver may hold no copy of the model: a node that does tells its sizes.
+            asked = min(nodes, key=lambda n: self.fabric.link_cost(self.fabric.node_id, n, 1))
+            answer = await self._call(asked, "info", {"model": self.model})
+            info = ModelInfo(**{**answer.value, "eos_token_ids": tuple(answer.value["eos_token_ids"])})
+            self.stop_ids = info.eos_token_ids
             self.plan = plan_stages(
                 info,
                 nodes,

@@ -33,9 +33,9 @@ from typing import Any
 
 from agents.errors import ExecutorFailed
 from agents.executors import Measured, TaskContext
-from backends.llm.driver import Generation, SplitGenerator, cached_model_info
+from backends.llm.driver import Generation, SplitGenerator
 from backends.llm.errors import LlmError
-from backends.llm.models import load_tokenizer
+from backends.llm.models import load_tokenizer, model_info
 from backends.llm.reference import generate_monolithic
 from backends.llm.sampling import check_sample
 
@@ -84,7 +84,7 @@ def _text(model: str, tokens: list[int]) -> str | None:
         return None  # a model without a tokenizer answers in ids
 
 
-def _settings(ctx: TaskContext) -> tuple[str, dict[str, Any], int, list[int]]:
+def _settings(ctx: TaskContext) -> tuple[str, dict[str, Any], int]:
     model = ctx.params.get("model")
     if not isinstance(model, str):
         raise LlmError("params.model is required: a model name such as smollm2-135m")
@@ -95,14 +95,17 @@ def _settings(ctx: TaskContext) -> tuple[str, dict[str, Any], int, list[int]]:
     max_new = ctx.params.get("max_new_tokens", 32)
     if not isinstance(max_new, int) or max_new < 1:
         raise LlmError(f"max_new_tokens must be an integer >= 1, got {max_new!r}")
-    stop = list(cached_model_info(model).eos_token_ids) if ctx.params.get("stop_at_eos", True) else []
-    return model, sample, max_new, stop
+    return model, sample, max_new
+
+
+def _stop_ids(ctx: TaskContext, eos: tuple[int, ...]) -> list[int]:
+    return list(eos) if ctx.params.get("stop_at_eos", True) else []
 
 
 async def generate(ctx: TaskContext) -> Measured:
     if ctx.fabric is None:
         raise ExecutorFailed("llm.generate needs a node's fabric to reach the stages")
-    model, sample, max_new, stop = await asyncio.to_thread(_settings, ctx)
+    model, sample, max_new = _settings(ctx)
     prompts, single = await asyncio.to_thread(_prompts, model, ctx.params)
     generator = SplitGenerator(
         ctx.fabric,
@@ -115,6 +118,7 @@ async def generate(ctx: TaskContext) -> Measured:
     )
     began = time.perf_counter()
     await generator.make_plan()
+    stop = _stop_ids(ctx, generator.stop_ids)
     streamed = [0] * len(prompts)
 
     async def on_token(index: int, token: int) -> None:
@@ -161,8 +165,9 @@ async def generate(ctx: TaskContext) -> Measured:
 
 
 async def reference(ctx: TaskContext) -> Measured:
-    model, sample, max_new, stop = await asyncio.to_thread(_settings, ctx)
+    model, sample, max_new = _settings(ctx)
     prompts, single = await asyncio.to_thread(_prompts, model, ctx.params)
+    stop = _stop_ids(ctx, (await asyncio.to_thread(model_info, model)).eos_token_ids)
     results, metrics = [], {"tokens": 0.0}
     for ids in prompts:
         out = await asyncio.to_thread(

@@ -7,6 +7,7 @@ so that a replacement of the next stage can be rebuilt from it (``handoff``).
 
 Methods (all arguments by name; ``stage`` is ``{"model", "start", "end"}``):
 
+- ``info(model)``: the model's layer count and sizes (`models.ModelInfo`), for planning.
 - ``open(session, stage, epoch, wire)``: load the layers if needed and start an empty session
   whose outputs travel as `wire` (``float32``, ``float16``, ``bfloat16`` or ``int8``).
   Returns ``{"param_bytes", "load_s", "loaded"}``.
@@ -34,6 +35,7 @@ driver treats like a lost stage: it fills it again.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,7 +43,7 @@ from typing import Any
 import torch
 
 from agents.services import CallFailed, Fabric, Reply, ServiceError
-from backends.llm.models import StageModel, load_stage
+from backends.llm.models import StageModel, load_stage, model_info
 from backends.llm.sampling import choose
 from fabric import FabricError
 from protocol import Lossy
@@ -119,6 +121,8 @@ class StageService:
         self._sessions: dict[tuple[str, tuple[str, int, int]], _Session] = {}
 
     async def handle(self, method: str, args: dict[str, Any]) -> Any:
+        if method == "info":
+            return await self._info(args)
         if method == "open":
             return await self._open(args)
         if method == "forward":
@@ -132,7 +136,7 @@ class StageService:
         if method == "stats":
             return self.stats()
         raise ServiceError(
-            f"{SERVICE} has no method {method!r}; it has open, forward, fill, handoff, close, stats"
+            f"{SERVICE} has no method {method!r}; it has info, open, forward, fill, handoff, close, stats"
         )
 
     async def close(self) -> None:
@@ -186,6 +190,14 @@ class StageService:
         session.epoch = epoch
         session.used = time.monotonic()
         return session, stage
+
+    async def _info(self, args: dict[str, Any]) -> dict[str, Any]:
+        model = str(args.get("model"))
+        try:
+            info = await asyncio.to_thread(model_info, model)
+        except Exception as exc:
+            raise ServiceError(f"{self.fabric.node_id} cannot read model {model}: {exc}") from exc
+        return dataclasses.asdict(info)
 
     async def _open(self, args: dict[str, Any]) -> dict[str, Any]:
         self._evict()
