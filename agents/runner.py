@@ -23,13 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from agents.errors import ScenarioError
+from agents.errors import ScenarioError, UnknownTaskKind
+from agents.executors import ExecutorRegistry
 from agents.graph import TaskGraph
 from agents.journal import Journal
 from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
+from agents.services import ServiceRegistry
 from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkTable, MqttTransport, Transport
 from fabric.testing import MosquittoBroker
 from protocol import Capabilities
@@ -211,6 +213,8 @@ async def run_scenario(
         raise ScenarioError(
             f"scenario {scenario.name!r}: partition and heal need the in-process hub; drop --mqtt"
         )
+    if broker is None:
+        _load_plugins(scenario)
     started = time.monotonic()
     faults: list[FaultRecord] = []
     cluster, endpoint = await _make_cluster(scenario, broker, namespace, private_broker=private_broker)
@@ -225,12 +229,13 @@ async def run_scenario(
         if broker is not None:
             for warning in _mismatches(endpoint, scenario):
                 log.warning("%s", warning)
+        watch = _ProgressWatch(on_event)
         orchestrator = Orchestrator(
             endpoint,
             journal=store,
             link_cost=link_cost(scenario),
             nodes=list(scenario.nodes),  # on a shared broker, other daemons are not this run's
-            on_event=on_event,
+            on_event=watch,
         )
         graph = orchestrator.resume() if resume and store is not None else scenario.graph()
         if on_start is not None:
@@ -241,6 +246,8 @@ async def run_scenario(
         async def inject_faults() -> None:
             for fault in due:
                 await asyncio.sleep(max(0.0, started + fault.at_s - time.monotonic()))
+                if fault.after is not None:
+                    await watch.reached(fault.after.task, fault.after.count)
                 what = await cluster.inject(fault)
                 faults.append(
                     FaultRecord(at_s=round(time.monotonic() - started, 3), kind=fault.action, target=what)
@@ -266,6 +273,46 @@ async def run_scenario(
         await endpoint.close()
         if store is not None:
             store.close()
+
+
+class _ProgressWatch:
+    """Passes job events on, counting each task's progress reports (for faults `after` them)."""
+
+    def __init__(self, on_event: Callable[[JobEvent], None] | None) -> None:
+        self.on_event = on_event
+        self.counts: dict[str, int] = {}
+        self._moved = asyncio.Event()
+
+    def __call__(self, event: JobEvent) -> None:
+        if event.kind == "progress":
+            self.counts[event.task] = self.counts.get(event.task, 0) + 1
+            self._moved.set()
+        if self.on_event is not None:
+            self.on_event(event)
+
+    async def reached(self, task: str, count: int) -> None:
+        """Return once `task` has sent `count` progress reports."""
+        while self.counts.get(task, 0) < count:
+            self._moved.clear()
+            await self._moved.wait()
+
+
+def _load_plugins(scenario: Scenario) -> None:
+    """Import the executors the workload names, and every service, before any node runs.
+
+    A first import can take seconds (torch, transformers); in the middle of a run it would stall
+    the process's event loop, and with it every in-process node's heartbeats.
+    """
+    kinds = {task.kind for task in scenario.workload.tasks}
+    if scenario.workload.generate is not None:
+        kinds.add(scenario.workload.generate.kind)
+    executors, services = ExecutorRegistry(), ServiceRegistry()
+    for kind in sorted(kinds):
+        with contextlib.suppress(UnknownTaskKind):  # the node reports it when the task runs
+            executors.get(kind)
+    for name in services.kinds():
+        with contextlib.suppress(UnknownTaskKind):
+            services.get(name)
 
 
 async def _make_cluster(
@@ -384,7 +431,8 @@ def _report(
         for node_id, spec in scenario.nodes.items()
     }
     sinks = [t for t in graph.graph.nodes if graph.graph.out_degree(t) == 0]
-    outputs = {t: _jsonable(graph.task(t).result) for t in sinks if graph.task(t).state == "done"}
+    shown = [*sinks, *(t.id for t in scenario.workload.tasks if t.report and t.id not in sinks)]
+    outputs = {t: _jsonable(graph.task(t).result) for t in shown if graph.task(t).state == "done"}
     expected = scenario.expect
     checks: list[Expectation] = []
     if expected.all_done:

@@ -35,6 +35,7 @@ __all__ = [
     "Generator",
     "Link",
     "NodeSpec",
+    "Progress",
     "Scenario",
     "Workload",
     "WorkloadTask",
@@ -119,6 +120,8 @@ class WorkloadTask(_Strict):
     """Extra attempts after a failure (a timeout is one)."""
     timeout_s: float | None = Field(default=None, gt=0)
     """Seconds an attempt may run before it is cancelled and counted as failed; unset means no limit."""
+    report: bool = False
+    """Also put the task's result in the report's outputs (tasks nothing depends on always are)."""
 
 
 class Generator(_Strict):
@@ -143,11 +146,24 @@ class Workload(_Strict):
     """Seconds after which every task that has not finished is cancelled."""
 
 
-class Fault(_Strict):
-    """A fault injected at a given time after the run starts."""
+class Progress(_Strict):
+    """A point in a running task's life: once it has streamed `count` progress reports."""
 
-    at_s: float = Field(ge=0)
-    """When, in seconds from the start of the run."""
+    task: str
+    """The task watched."""
+    count: int = Field(ge=1)
+    """Progress reports it must have sent (e.g. tokens generated, for ``llm.generate``)."""
+
+
+class Fault(_Strict):
+    """A fault injected at a given time after the run starts, or at a point of a task's progress."""
+
+    at_s: float = Field(default=0.0, ge=0)
+    """When, in seconds from the start of the run (with `after`: not before then)."""
+    after: Progress | None = None
+    """Also wait until this task has streamed this many progress reports (e.g. kill a stage node
+    after the 5th token). Faults are injected in the order of their `at_s`, each waiting for its
+    own moment."""
     action: Literal["kill_node", "restart_node", "partition", "heal", "slow_node", "restart_broker"]
     """kill_node: the node dies (no goodbye); restart_node: it comes back; partition/heal: cut or
     restore the link between `node` and `peer` both ways; slow_node: the node runs `factor` times
@@ -230,6 +246,8 @@ class Scenario(_Strict):
             node(f"faults.{i}.peer", fault.peer)
             if fault.action in ("partition", "heal") and fault.peer is None:
                 raise ValueError(f"faults.{i}.peer: {fault.action} needs a peer")
+            if fault.after is not None and fault.after.task not in ids:
+                raise ValueError(f"faults.{i}.after.task: unknown task {fault.after.task!r}")
         generated = self.workload.generate.count if self.workload.generate is not None else 0
         for task_id in self.expect.outputs:
             if task_id not in ids and not _is_request(task_id, generated):

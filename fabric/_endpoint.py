@@ -717,7 +717,7 @@ class Endpoint:
         interval = min(self.heartbeat_s, self.peers.dead_after_s / 4)
         while True:
             await asyncio.sleep(interval)
-            self.peers.sweep()
+            self.peers.sweep(interval)
             self._reassembler.expire()  # a transfer cut off mid-way frees its buffer in time
             if self._bulk_listener is not None:
                 alive = {node_digest(peer.node) for peer in self.peers.alive()}

@@ -52,6 +52,7 @@ class PeerTable:
         self._on_event = on_event
         self.dead_after_s = dead_after_s
         self._clock = clock
+        self._last_sweep: float | None = None
 
     def __contains__(self, node: str) -> bool:
         peer = self._peers.get(node)
@@ -95,9 +96,20 @@ class PeerTable:
         peer.alive = False
         self._on_event(PeerEvent(node, kind, peer.capabilities))
 
-    def sweep(self) -> list[str]:
-        """Declare dead every alive peer silent for longer than `dead_after_s`; return them."""
+    def sweep(self, interval: float | None = None) -> list[str]:
+        """Declare dead every alive peer silent for longer than `dead_after_s`; return them.
+
+        With `interval` (the period the sweep is meant to run at), a sweep that runs late counts
+        the delay as our own pause, not the peers' silence: a process stalled by a long import or
+        a busy CPU heard nothing while it stalled, and must not declare everyone dead for it.
+        """
         now = self._clock()
+        if interval is not None and self._last_sweep is not None:
+            paused = now - self._last_sweep - interval
+            if paused > 0:
+                for peer in self._peers.values():
+                    peer.last_seen += paused
+        self._last_sweep = now
         dead = [p.node for p in self._peers.values() if p.alive and now - p.last_seen > self.dead_after_s]
         for node in dead:
             self.gone(node, "dead")

@@ -88,6 +88,7 @@ class SplitGenerator:
         wire: str = "float32",
         sample: dict[str, Any] | None = None,
         nodes: Sequence[str] | None = None,
+        spares: Sequence[str] = (),
         max_stages: int | None = None,
         plan: Plan | None = None,
         step_timeout_s: float = 60.0,
@@ -100,6 +101,7 @@ class SplitGenerator:
         self.wire = wire
         self.sample = dict(sample or {})
         self.nodes = list(nodes) if nodes is not None else None
+        self.spares = list(spares)
         self.max_stages = max_stages
         self.plan = plan
         self.step_timeout_s = step_timeout_s
@@ -111,15 +113,15 @@ class SplitGenerator:
 
     # planning --------------------------------------------------------------------------------
 
-    def candidates(self) -> dict[str, Any]:
-        """Live nodes that can load the model (and are allowed, and not lost)."""
-        peers = self.fabric.peers()
+    def candidates(self, *, spares: bool = False) -> dict[str, Any]:
+        """Live nodes that can load the model, are allowed (`nodes`, and `spares` if asked) and not lost."""
+        allowed = None if self.nodes is None else {*self.nodes, *(self.spares if spares else ())}
         return {
             n: caps
-            for n, caps in peers.items()
+            for n, caps in self.fabric.peers().items()
             if self.model in caps.models
             and n not in self.lost
-            and (self.nodes is None or n in self.nodes)
+            and (allowed is None or n in allowed)
             and self.fabric.alive(n)
         }
 
@@ -280,7 +282,7 @@ class SplitGenerator:
             node = replacement(
                 Plan(self.model, self.plan.hidden_size, tuple(run.chain), 0.0),
                 i,
-                self.candidates(),
+                self.candidates(spares=True),
                 exclude=self.lost,
                 driver=self.fabric.node_id,
                 link_cost=self.fabric.link_cost,

@@ -9,7 +9,8 @@
   several, run as concurrent sessions; the result is then a list.
 - ``max_new_tokens`` (default 32), ``stop_at_eos`` (default true), ``sample`` (`sampling`;
   default greedy), ``wire`` (float32, float16, bfloat16 or int8; default float32).
-- ``nodes`` (stage nodes allowed; default every node announcing the model), ``max_stages``,
+- ``nodes`` (the nodes to cut the model over; default every node announcing the model),
+  ``spares`` (more nodes that may take over a lost stage), ``max_stages``,
   ``step_timeout_s`` (default 60).
 
 Each token is streamed as task progress (``data``: ``{"session", "token", "text"}``). The result
@@ -113,6 +114,7 @@ async def generate(ctx: TaskContext) -> Measured:
         wire=str(ctx.params.get("wire", "float32")),
         sample=sample,
         nodes=ctx.params.get("nodes"),
+        spares=ctx.params.get("spares") or (),
         max_stages=ctx.params.get("max_stages"),
         step_timeout_s=float(ctx.params.get("step_timeout_s", 60.0)),
     )

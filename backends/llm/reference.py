@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from transformers import DynamicCache
 
 from backends.llm.models import load_full
 from backends.llm.sampling import choose
@@ -50,8 +51,6 @@ def generate_monolithic(
     stop_ids: Sequence[int] = (),
 ) -> MonolithicResult:
     """Generate with the whole model in this process (blocking; run it in a thread from async code)."""
-    from transformers import DynamicCache
-
     full = cached_full_model(model)
     cache = DynamicCache(config=full.config)
     began = time.perf_counter()
