@@ -243,3 +243,28 @@ async def test_bad_requests_name_what_is_wrong(cluster: Cluster) -> None:
         )
     with pytest.raises(CallFailed, match=r"no service 'llm\.nothing'"):
         await fabric.call("edge-1", "llm.nothing", "open", {}, timeout=10)
+
+
+async def test_idle_and_surplus_sessions_are_evicted() -> None:
+    from agents.services import ServiceRegistry
+    from backends.llm.stage import StageService
+
+    hub = InprocHub()
+    services = ServiceRegistry({"llm.stage": lambda fabric: StageService(fabric, max_sessions=2)})
+    caps = Capabilities(tier="edge", cores=1, memory_mb=512, models=[TINY_LLAMA])
+    async with Node("edge-1", hub.transport("edge-1"), capabilities=caps, services=services) as node:
+        stage = {"model": TINY_LLAMA, "start": 0, "end": 8}
+        for sid in ["a", "b", "c"]:  # the third open evicts the least recently used: a
+            await node.fabric.call(
+                "edge-1", "llm.stage", "open", {"session": sid, "stage": stage}, timeout=10
+            )
+        stats = (await node.fabric.call("edge-1", "llm.stage", "stats", {}, timeout=10)).value
+        assert sorted(s["session"] for s in stats["sessions"]) == ["b", "c"]
+        assert stats["stages"][0]["param_bytes"] > 0
+        forward = {"session": "a", "stage": stage, "pos": 0, "x": PROMPT}
+        with pytest.raises(CallFailed, match="session a is not open"):
+            await node.fabric.call("edge-1", "llm.stage", "forward", forward, timeout=10)
+        reply = await node.fabric.call(
+            "edge-1", "llm.stage", "forward", {**forward, "session": "b"}, timeout=10
+        )
+        assert reply.value["token"] == reference(1)[0]
