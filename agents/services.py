@@ -197,7 +197,9 @@ class ServiceHost:
             return service
         async with self._making.setdefault(name, asyncio.Lock()):
             if name not in self._services:
-                factory = self.registry.get(name)
+                # A first import can take seconds (torch, transformers): off the event loop, so
+                # the node keeps heartbeating meanwhile.
+                factory = await asyncio.to_thread(self.registry.get, name)
                 assert self.fabric is not None, "ServiceHost.fabric is set when its node starts"
                 self._services[name] = factory(self.fabric)
             return self._services[name]
