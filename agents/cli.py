@@ -22,6 +22,7 @@ from agents.orchestrator import JobEvent
 from agents.report import Report
 from agents.runner import run_scenario, write_trace
 from agents.scenario import load_scenario
+from agents.services import load_services
 from fabric import FabricError, MqttTransport
 from protocol import Capabilities
 
@@ -180,6 +181,10 @@ async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Con
         bulk=args.bulk,
         bulk_advertise=args.bulk_advertise,
     )
+    if caps.models:
+        # A node that serves model stages imports its services (torch, transformers: seconds of
+        # CPU) before it joins, not while peers count its heartbeats.
+        await asyncio.to_thread(load_services, node.services.registry)
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -31,7 +31,7 @@ from agents.node import Node
 from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
-from agents.services import ServiceRegistry
+from agents.services import ServiceRegistry, load_services
 from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkTable, MqttTransport, Transport
 from fabric.testing import MosquittoBroker
 from protocol import Capabilities
@@ -310,9 +310,7 @@ def _load_plugins(scenario: Scenario) -> None:
     for kind in sorted(kinds):
         with contextlib.suppress(UnknownTaskKind):  # the node reports it when the task runs
             executors.get(kind)
-    for name in services.kinds():
-        with contextlib.suppress(UnknownTaskKind):
-            services.get(name)
+    load_services(services)
 
 
 async def _make_cluster(

@@ -18,6 +18,7 @@ to another node's service. A call to a service of the node itself skips the wire
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -40,6 +41,7 @@ __all__ = [
     "ServiceFactory",
     "ServiceHost",
     "ServiceRegistry",
+    "load_services",
 ]
 
 log = logging.getLogger("agents.services")
@@ -108,6 +110,13 @@ class ServiceRegistry(PluginRegistry[ServiceFactory]):
 
     group = SERVICE_ENTRY_POINT_GROUP
     what = "service"
+
+
+def load_services(registry: ServiceRegistry) -> None:
+    """Import every service of `registry` now (one that fails to load is reported on its first call)."""
+    for name in registry.kinds():
+        with contextlib.suppress(AgentError):
+            registry.get(name)
 
 
 class Fabric:
