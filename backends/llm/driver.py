@@ -157,12 +157,13 @@ class SplitGenerator:
         await self._call(stage.node, "open", {**self._args(run, stage), "wire": self.wire})
 
     async def _close(self, sid: str, chain: Sequence[StagePlacement]) -> None:
-        for node in {s.node for s in chain}:
-            if self.fabric.alive(node):
-                try:
-                    await self.fabric.call(node, SERVICE, "close", {"session": sid}, timeout=5.0)
-                except (CallFailed, FabricError) as exc:  # it evicts idle sessions by itself
-                    log.info("closing session %s on %s: %s", sid, node, exc)
+        async def close(node: str) -> None:
+            try:
+                await self.fabric.call(node, SERVICE, "close", {"session": sid}, timeout=5.0)
+            except (CallFailed, FabricError) as exc:  # it evicts idle sessions by itself
+                log.info("closing session %s on %s: %s", sid, node, exc)
+
+        await asyncio.gather(*(close(n) for n in {s.node for s in chain} if self.fabric.alive(n)))
 
     # generation ------------------------------------------------------------------------------
 
