@@ -298,7 +298,7 @@ class _ProgressWatch:
 
 
 def _load_plugins(scenario: Scenario) -> None:
-    """Import the executors the workload names, and every service, before any node runs.
+    """Import the executors the workload names (and the services, when nodes serve models) first.
 
     A first import can take seconds (torch, transformers); in the middle of a run it would stall
     the process's event loop, and with it every in-process node's heartbeats.
@@ -306,11 +306,12 @@ def _load_plugins(scenario: Scenario) -> None:
     kinds = {task.kind for task in scenario.workload.tasks}
     if scenario.workload.generate is not None:
         kinds.add(scenario.workload.generate.kind)
-    executors, services = ExecutorRegistry(), ServiceRegistry()
+    executors = ExecutorRegistry()
     for kind in sorted(kinds):
         with contextlib.suppress(UnknownTaskKind):  # the node reports it when the task runs
             executors.get(kind)
-    load_services(services)
+    if any(spec.models for spec in scenario.nodes.values()):  # as `flowloom node --model` does
+        load_services(ServiceRegistry())
 
 
 async def _make_cluster(
