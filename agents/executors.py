@@ -13,6 +13,7 @@ importing them::
 
 from __future__ import annotations
 
+import asyncio
 import importlib.metadata
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -121,6 +122,17 @@ class PluginRegistry(Generic[T]):
             raise UnknownTaskKind(f"{self.what} {name!r} ({entry.value}) failed to load: {exc}") from exc
         self._plugins[name] = loaded
         return loaded
+
+    async def load(self, name: str) -> T:
+        """`get` for async code: a plugin not yet imported is imported in a worker thread.
+
+        A first import can take seconds (torch, transformers); on the event loop it would stop the
+        node's heartbeats. A plugin already loaded is returned at once, with no thread hop.
+        """
+        plugin = self._plugins.get(name)
+        if plugin is not None:
+            return plugin
+        return await asyncio.to_thread(self.get, name)
 
 
 class ExecutorRegistry(PluginRegistry[Executor]):

@@ -289,8 +289,7 @@ class Node:
         )
         started = time.perf_counter()
         try:
-            # A first import can take seconds: off the event loop, so heartbeats go on meanwhile.
-            executor = await asyncio.to_thread(self.registry.get, body.task_kind)
+            executor = await self.registry.load(body.task_kind)
             value = await executor(ctx)
         except UnknownTaskKind as exc:
             self.stats.failed += 1

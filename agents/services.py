@@ -196,19 +196,13 @@ class ServiceHost:
         self._slots = asyncio.Semaphore(concurrency)
         self._calls: set[asyncio.Task[None]] = set()
 
-    def names(self) -> list[str]:
-        """Services this node can run."""
-        return self.registry.kinds()
-
     async def _service(self, name: str) -> Service:
         service = self._services.get(name)
         if service is not None:
             return service
         async with self._making.setdefault(name, asyncio.Lock()):
             if name not in self._services:
-                # A first import can take seconds (torch, transformers): off the event loop, so
-                # the node keeps heartbeating meanwhile.
-                factory = await asyncio.to_thread(self.registry.get, name)
+                factory = await self.registry.load(name)
                 assert self.fabric is not None, "ServiceHost.fabric is set when its node starts"
                 self._services[name] = factory(self.fabric)
             return self._services[name]
