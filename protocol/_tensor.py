@@ -95,6 +95,14 @@ class Lossy:
     tensor: Any
     format: LossyFormat
 
+    def data_size(self) -> int:
+        """Bytes of data this value takes in its ext (the header not counted), without encoding it."""
+        shape = tuple(int(d) for d in np.shape(self.tensor))
+        if self.format == "int8":
+            rows, _ = _rows_and_last(shape)
+            return 4 * rows + _count(shape)
+        return 2 * _count(shape)
+
     def received(self) -> Any:
         """The tensor a receiver decodes from this value: the same values, bit for bit."""
         parts = lossy_parts(self)

@@ -9,6 +9,7 @@ from hypothesis.extra import numpy as hnp
 
 from protocol import DecodeError, EncodeError, Envelope, Lossy, TaskResult, decode, encode
 from protocol._codec import ZERO_COPY_MIN
+from protocol._tensor import lossy_parts
 
 
 def carry(value: object) -> object:
@@ -181,3 +182,10 @@ def test_numpy_scalars_travel_as_0d_arrays() -> None:
     got = carry({"mean": np.float32(1.5), "n": np.int64(7)})
     assert got["mean"].shape == () and got["mean"].dtype == np.float32 and got["mean"] == 1.5
     assert got["n"].dtype == np.int64 and got["n"] == 7
+
+
+@pytest.mark.parametrize("fmt", ["float16", "bfloat16", "int8"])
+@pytest.mark.parametrize("shape", [(2, 3, 8), (5,), (), (4, 0)])
+def test_lossy_data_size_is_what_the_ext_carries(fmt: str, shape: tuple[int, ...]) -> None:
+    value = Lossy(np.ones(shape, np.float32), fmt)  # type: ignore[arg-type]
+    assert value.data_size() == len(lossy_parts(value).data)

@@ -57,11 +57,7 @@ WIRE_DTYPES = ("float32", "float16", "bfloat16", "int8")
 def wire_bytes(x: Any) -> int:
     """Bytes of tensor data `x` takes on the wire (a `Lossy` in its format, token ids as int64)."""
     if isinstance(x, Lossy):
-        n = int(x.tensor.numel())
-        if x.format == "int8":
-            rows = n // int(x.tensor.shape[-1]) if x.tensor.dim() else 1
-            return n + 4 * rows
-        return 2 * n
+        return x.data_size()
     if isinstance(x, torch.Tensor):
         return int(x.numel() * x.element_size())
     return 8 * len(x) if isinstance(x, list) else 0
