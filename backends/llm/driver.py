@@ -17,6 +17,7 @@ failed step again. Greedy text after a failover is the text without one, at any 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -110,6 +111,7 @@ class SplitGenerator:
         """The model's end-of-text tokens, known once planned."""
         self.lost: set[str] = set()
         """Nodes found dead; never given a stage again by this generator."""
+        self._planning = asyncio.Lock()  # sessions started together share one plan
 
     # planning --------------------------------------------------------------------------------
 
@@ -127,23 +129,29 @@ class SplitGenerator:
 
     async def make_plan(self) -> Plan:
         """The stage plan: given at construction, or cut now over the live candidates."""
-        if self.plan is None:
-            nodes = self.candidates()
-            if not nodes:
-                raise NoStageNode(f"no live node announces model {self.model!r} (capabilities.models)")
-            # The driver may hold no copy of the model: a node that does tells its sizes.
-            asked = min(nodes, key=lambda n: self.fabric.link_cost(self.fabric.node_id, n, 1))
-            answer = await self._call(asked, "info", {"model": self.model})
-            info = ModelInfo(**{**answer.value, "eos_token_ids": tuple(answer.value["eos_token_ids"])})
-            self.stop_ids = info.eos_token_ids
-            self.plan = plan_stages(
-                info,
-                nodes,
-                driver=self.fabric.node_id,
-                link_cost=self.fabric.link_cost,
-                max_stages=self.max_stages,
-            )
+        async with self._planning:
+            if self.plan is None:
+                await self._cut()
+        assert self.plan is not None
         return self.plan
+
+    async def _cut(self) -> None:
+        """Plan over the live candidates, with the model's sizes from a node that has it."""
+        nodes = self.candidates()
+        if not nodes:
+            raise NoStageNode(f"no live node announces model {self.model!r} (capabilities.models)")
+        # The driver may hold no copy of the model: a node that does tells its sizes.
+        asked = min(nodes, key=lambda n: self.fabric.link_cost(self.fabric.node_id, n, 1))
+        answer = await self._call(asked, "info", {"model": self.model})
+        info = ModelInfo(**{**answer.value, "eos_token_ids": tuple(answer.value["eos_token_ids"])})
+        self.stop_ids = info.eos_token_ids
+        self.plan = plan_stages(
+            info,
+            nodes,
+            driver=self.fabric.node_id,
+            link_cost=self.fabric.link_cost,
+            max_stages=self.max_stages,
+        )
 
     # calls -----------------------------------------------------------------------------------
 
@@ -270,7 +278,7 @@ class SplitGenerator:
                     raise LlmError(f"could not rebuild the lost stages: {again}") from again
                 lost |= self._lost_nodes(again, run.chain)
         if self.plan is not None:  # later sessions start on the rebuilt chain
-            self.plan = Plan(self.model, self.plan.hidden_size, tuple(run.chain), self.plan.link_s_per_token)
+            self.plan = dataclasses.replace(self.plan, stages=tuple(run.chain))
         return moved
 
     async def _rebuild(self, run: _Session, i: int) -> StagePlacement:
@@ -281,7 +289,7 @@ class SplitGenerator:
             self.lost.add(node)
             assert self.plan is not None
             node = replacement(
-                Plan(self.model, self.plan.hidden_size, tuple(run.chain), 0.0),
+                dataclasses.replace(self.plan, stages=tuple(run.chain)),
                 i,
                 self.candidates(spares=True),
                 exclude=self.lost,
