@@ -45,6 +45,7 @@ __all__ = ["generate", "reference", "same_tokens"]
 
 @functools.lru_cache(maxsize=4)
 def _tokenizer(model: str) -> Any:
+    """`load_tokenizer`, looked up once per model."""
     return load_tokenizer(model)
 
 
@@ -63,6 +64,8 @@ def _prompts(model: str, params: dict[str, Any]) -> tuple[list[list[int]], bool]
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
         raise LlmError("give prompt (text), prompts (a list of texts), prompt_ids or prompts_ids")
     tokenizer = _tokenizer(model)
+    if tokenizer is None:
+        raise LlmError(f"{model} has no tokenizer: give prompt_ids instead of a text prompt")
     out = []
     for text in texts:
         if params.get("chat", True):
@@ -79,10 +82,8 @@ def _prompts(model: str, params: dict[str, Any]) -> tuple[list[list[int]], bool]
 
 
 def _text(model: str, tokens: list[int]) -> str | None:
-    try:
-        return str(_tokenizer(model).decode(tokens, skip_special_tokens=True))
-    except LlmError:
-        return None  # a model without a tokenizer answers in ids
+    tokenizer = _tokenizer(model)  # a model without one answers in ids
+    return None if tokenizer is None else str(tokenizer.decode(tokens, skip_special_tokens=True))
 
 
 def _settings(ctx: TaskContext) -> tuple[str, dict[str, Any], int]:

@@ -349,8 +349,8 @@ def load_full(model: str) -> Any:
 
 
 def load_tokenizer(model: str) -> Any:
-    """`model`'s tokenizer; `ModelUnavailable` for models that ship none (``tiny-llama``)."""
+    """`model`'s tokenizer, or None for a model that ships none (``tiny-llama``)."""
     path = resolve(model)
     if not (path / "tokenizer_config.json").is_file():
-        raise ModelUnavailable(f"{model} has no tokenizer: give prompt_ids instead of a text prompt")
+        return None
     return AutoTokenizer.from_pretrained(path)
