@@ -20,18 +20,30 @@ over TCP first, then a small `blob.ref` goes through the transport, so the envel
 in the sender's order. Whenever the stream fails or is refused, the envelope goes as chunks through
 the transport instead (`stats.bulk_fallbacks`); after a failed connection that address is not
 tried again for `BULK_RETRY_S`.
+
+Segments and relays (`fabric._routes`): an endpoint may hold several transports, one per segment
+(on MQTT, one per broker). A message for a node it cannot reach directly goes, wrapped in a
+`relay` envelope, to the first relay of the cheapest route; each relay forwards it hop by hop,
+adding itself to the wrapper's `hops`, until the last one hands it to its destination, which
+unwraps it. The inner frame is never altered, so its origin's signature is checked at the end. A
+relay refuses a frame that has passed it already or `MAX_HOPS` relays, and answers an
+unforwardable request with an ``unreachable`` error that names the destination. Relays also
+flood broadcasts (heartbeats, hellos, byes) into every segment they join, so nodes learn of one
+another and of each other's liveness across segments; duplicates die at the receivers' dedupe.
+Large envelopes to a relayed node always go as chunks (a bulk stream would have to dial it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -39,10 +51,12 @@ from fabric._bulk import TRANSFER_MIN_RATE, BulkListener, BulkRefused, BulkSende
 from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable, TransportError
 from fabric._links import LinkTable
 from fabric._peers import PeerEvent, PeerTable
+from fabric._routes import Routes
 from fabric._transports.base import PresenceEvent, Transport
 from protocol import (
     CHUNK_SIZE,
     DEFAULT_MAX_FRAME,
+    MAX_HOPS,
     SUPPORTED_VERSIONS,
     BlobChunk,
     BlobRef,
@@ -50,10 +64,12 @@ from protocol import (
     Bye,
     Capabilities,
     Envelope,
+    Error,
     Heartbeat,
     Hello,
     ProtocolError,
     Reassembler,
+    Relay,
     Signer,
     Verifier,
     decode,
@@ -96,6 +112,20 @@ class EndpointStats:
     """Large envelopes received from a bulk stream (also counted in `blobs_received`)."""
     bulk_fallbacks: int = 0
     """Large envelopes sent as chunks after their bulk stream failed or was refused."""
+    relayed_sent: int = 0
+    """Frames of ours (whole envelopes or chunks) that left wrapped for a relay."""
+    relayed_received: int = 0
+    """Envelopes (whole or chunks) that reached us through relays."""
+    relayed_blobs_sent: int = 0
+    """Large envelopes we sent as chunks through relays (also counted in `blobs_sent`)."""
+    relayed_blobs_received: int = 0
+    """Large envelopes whose chunks reached us through relays (also counted in `blobs_received`)."""
+    forwarded: int = 0
+    """Frames this node forwarded as a relay (floods included)."""
+    relay_refused: int = 0
+    """Frames this node could not forward: no route, a loop, or the hop limit."""
+    rerouted: int = 0
+    """Requests sent again on a new route because the relay they went through died."""
 
 
 class _End:
@@ -110,6 +140,8 @@ class _Request:
 
     def __init__(self, dst: str) -> None:
         self.dst = dst
+        self.sent: Envelope | None = None  # the request, kept to send again if its relay dies
+        self.via: str | None = None  # the relay it went to, when it did not go direct
         self.future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
 
     async def put(self, env: Envelope) -> bool:
@@ -131,6 +163,8 @@ class _Stream:
 
     def __init__(self, dst: str, size: int) -> None:
         self.dst = dst
+        self.sent: Envelope | None = None
+        self.via: str | None = None
         self.queue: asyncio.Queue[Envelope | _End] = asyncio.Queue(size)
         self.error: FabricError | None = None
         self.closed = False
@@ -169,6 +203,9 @@ class _Dedupe:
         self._ids: OrderedDict[str, None] = OrderedDict()
         self._size = size
 
+    def __contains__(self, envelope_id: str) -> bool:
+        return envelope_id in self._ids
+
     def seen(self, envelope_id: str) -> bool:
         """True if the id was seen before; otherwise remember it."""
         if envelope_id in self._ids:
@@ -190,12 +227,16 @@ class Endpoint:
     `bulk` (``"host:port"``, port 0 for any free one) makes the endpoint listen for direct bulk
     streams there and announce it; `bulk_advertise` is the address peers should dial when it
     differs (a listener on ``0.0.0.0`` must name one).
+
+    `transport` may be several transports, one per segment (e.g. one per MQTT broker); with
+    `relay` the endpoint forwards other nodes' envelopes between them (and announces
+    ``relay: true`` in its capabilities).
     """
 
     def __init__(
         self,
         node_id: str,
-        transport: Transport,
+        transport: Transport | Sequence[Transport],
         *,
         capabilities: Capabilities | None = None,
         groups: Sequence[str] = (),
@@ -212,17 +253,28 @@ class Endpoint:
         heartbeat: Callable[[int], Heartbeat] | None = None,
         bulk: str | None = None,
         bulk_advertise: str | None = None,
+        relay: bool = False,
     ) -> None:
         if heartbeat_s <= 0:
             raise ValueError("heartbeat_s must be > 0")
         self.node_id = node_id
-        self.transport = transport
+        self.transports: list[Transport] = (
+            list(transport) if isinstance(transport, list | tuple) else [transport]  # type: ignore[list-item]
+        )
+        if not self.transports:
+            raise ValueError("an endpoint needs at least one transport")
+        self.transport = self.transports[0]
+        self.relay = relay
+        if relay and capabilities is not None and not capabilities.relay:
+            capabilities = capabilities.model_copy(update={"relay": True})
         self.capabilities = capabilities
         self.groups = list(groups)
         self.links = links
         self.stats = EndpointStats()
         self.heartbeat_s = heartbeat_s
         self.peers = PeerTable(self._on_peer_event, dead_after_s=dead_after_s or 3 * heartbeat_s)
+        self.routes = Routes(node_id, self.peers.__contains__)
+        self._hellos: dict[str, bytes] = {}  # a relay's copy of every node's hello frame
         self._signer = signer
         self._verifier = verifier
         self._inbox_size = inbox_size
@@ -282,14 +334,20 @@ class Endpoint:
                     await self._bulk_listener.start()
                 except OSError as exc:
                     raise TransportError(f"{self.node_id}: cannot listen for bulk streams: {exc}") from exc
-            await self.transport.start(self._on_frame, self._on_presence, self.groups)
+            for index, transport in enumerate(self.transports):
+                presence = functools.partial(self._on_presence, index)
+                await transport.start(self._on_frame, presence, self.groups)
+            default = Capabilities(tier="edge", cores=1, memory_mb=0, relay=self.relay)
             hello = Hello(
                 versions=sorted(SUPPORTED_VERSIONS),
-                capabilities=self.capabilities or Capabilities(tier="edge", cores=1, memory_mb=0),
+                capabilities=self.capabilities or default,
                 bulk=self._bulk_listener.address if self._bulk_listener is not None else None,
             )
-            announcement = Envelope.new(src=self.node_id, dst="*", body=hello)
-            await self.transport.announce(encode(announcement, signer=self._signer))
+            announcement = encode(Envelope.new(src=self.node_id, dst="*", body=hello), signer=self._signer)
+            if self.relay:
+                self._hellos[self.node_id] = announcement
+            for transport in self.transports:
+                await transport.announce(announcement)
         except BaseException:
             await self._shutdown(graceful=False)
             raise
@@ -345,11 +403,15 @@ class Endpoint:
                 if self.links is not None:
                     await self.links.close()
             finally:
-                crash = getattr(self.transport, "crash", None)
-                if not graceful and crash is not None:
-                    await crash()
-                else:
-                    await self.transport.close()
+                for transport in self.transports:
+                    crash = getattr(transport, "crash", None)
+                    try:
+                        if not graceful and crash is not None:
+                            await crash()
+                        else:
+                            await transport.close()
+                    except Exception:  # the others must close all the same
+                        log.exception("%s: closing a transport failed", self.node_id)
 
     def _check_running(self) -> None:
         if self._state != "running":
@@ -384,12 +446,14 @@ class Endpoint:
     async def _send_envelope(self, env: Envelope) -> None:
         if self._state == "closed":
             raise FabricClosed(f"endpoint {self.node_id!r} is closed")
+        hop = self._hop(env.dst)
         parts = encode_parts(env, signer=self._signer)
         single = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else None
         size = len(single) if single is not None else sum(memoryview(p).nbytes for p in parts)
         if size <= self._chunk_size + _FRAME_SLACK:
-            await self._transmit(env.dst, single if single is not None else b"".join(parts))
-        elif not await self._send_bulk(env, parts, size):
+            frame = single if single is not None else b"".join(parts)
+            await self._transmit(env.dst, frame, hop, env.deadline)
+        elif hop != env.dst or not await self._send_bulk(env, parts, size):
             if env.deadline is not None and env.deadline < time.time():
                 self.stats.expired += 1  # it would be dropped on arrival anyway
                 log.warning(
@@ -401,10 +465,42 @@ class Endpoint:
                 chunk_env = Envelope.new(
                     src=self.node_id, dst=env.dst, body=chunk, trace=env.trace, deadline=env.deadline
                 )
-                await self._transmit(env.dst, encode(chunk_env, signer=self._signer))
+                await self._transmit(env.dst, encode(chunk_env, signer=self._signer), hop, env.deadline)
                 self.stats.chunks_sent += 1
             self.stats.blobs_sent += 1
+            if hop != env.dst:
+                self.stats.relayed_blobs_sent += 1
         self.stats.sent += 1
+
+    def _hop(self, dst: str) -> str:
+        """Where a frame for `dst` goes first: `dst` itself, or the first relay of its route.
+
+        A node known only through relays, with no relay left that reaches it, is unreachable. A
+        node not known at all is sent to directly, as before anyone knew of segments (the
+        transport keeps it for the node, or the network drops it).
+        """
+        if dst == "*" or dst.startswith("group:") or self.routes.is_direct(dst):
+            return dst
+        path = self.routes.path(dst)
+        if path is not None:
+            return path[1]
+        if self.routes.is_far(dst):
+            relays = self.routes.relays()
+            raise PeerUnreachable(
+                dst,
+                "it is in another segment and no relay reaches it"
+                + (f" (alive relays: {', '.join(relays)})" if relays else " (no relay is alive)"),
+            )
+        return dst
+
+    def route(self, dst: str) -> list[str]:
+        """The nodes a message to `dst` passes now, from this node to `dst`.
+
+        Raises `PeerUnreachable` when `dst` is known to need a relay and none reaches it.
+        """
+        hop = self._hop(dst)
+        path = self.routes.path(dst)
+        return path if path is not None and hop != dst else [self.node_id, dst]
 
     async def _send_bulk(self, env: Envelope, parts: Sequence[Any], size: int) -> bool:
         """Send a large envelope on a direct bulk stream; False when it must go as chunks instead.
@@ -442,7 +538,7 @@ class Endpoint:
             deadline=env.deadline,
         )
         try:
-            await self._transmit(env.dst, encode(ref, signer=self._signer))
+            await self._transmit(env.dst, encode(ref, signer=self._signer), env.dst, env.deadline)
         except BaseException:  # cancelled or failed: the stored frame would wait for a ref in vain
             self._withdraw_bulk(ref)
             raise
@@ -457,25 +553,54 @@ class Endpoint:
         async def withdraw() -> None:
             with contextlib.suppress(FabricError, TimeoutError):
                 async with asyncio.timeout(5.0):
-                    await self._transmit(late.dst, encode(late, signer=self._signer))
+                    await self._transmit(late.dst, encode(late, signer=self._signer), late.dst, None)
 
-        task = asyncio.create_task(withdraw(), name=f"bulk-withdraw:{self.node_id}")
-        self._strays.add(task)  # held until done: the loop keeps only weak references to tasks
-        task.add_done_callback(self._strays.discard)
+        self._spawn(withdraw(), "bulk-withdraw")
 
-    async def _transmit(self, address: str, frame: bytes) -> None:
+    async def _transmit(self, dst: str, frame: bytes, hop: str, deadline: float | None) -> None:
+        """Send one encoded frame for `dst` to `hop`: as is when that is `dst`, else wrapped for the relay."""
+        if hop != dst:
+            wrapper = Envelope.new(
+                src=self.node_id, dst=hop, body=Relay(target=dst, frame=frame), deadline=deadline
+            )
+            frame = encode(wrapper, signer=self._signer)
+            self.stats.relayed_sent += 1
+        await self._put(hop, frame)
+
+    async def _put(self, address: str, frame: bytes) -> None:
+        """Send a frame one hop, through the emulated link toward `address` if there is one."""
         if self.links is not None:
-            await self.links.send(address, frame, self.transport.send)
+            await self.links.send(address, frame, self._deliver)
         else:
-            await self.transport.send(address, frame)
+            await self._deliver(address, frame)
+
+    async def _deliver(self, address: str, frame: bytes) -> None:
+        """Hand a frame to the transport(s): a node's, or every segment's for ``*`` and groups."""
+        transports = self.transports
+        if len(transports) == 1:
+            await transports[0].send(address, frame)
+        elif address == "*" or address.startswith("group:"):
+            failed: FabricError | None = None
+            for transport in transports:  # a broker that is down must not silence the others
+                try:
+                    await transport.send(address, frame)
+                except FabricError as exc:
+                    failed = failed or exc
+            if failed is not None:
+                raise failed
+        else:
+            await transports[self.routes.transport_for(address)].send(address, frame)
 
     # requests and streams --------------------------------------------------------------------
 
-    def _open(self, dst: str, request_id: str, pending: _Request | _Stream) -> None:
-        peer = self.peers.get(dst)
+    def _open(self, env: Envelope, pending: _Request | _Stream) -> None:
+        peer = self.peers.get(env.dst)
         if peer is not None and not peer.alive:
-            raise PeerUnreachable(dst, "it left or was declared dead")
-        self._pending[request_id] = pending
+            raise PeerUnreachable(env.dst, "it left or was declared dead")
+        hop = self._hop(env.dst)
+        pending.sent = env
+        pending.via = hop if hop != env.dst else None
+        self._pending[env.id] = pending
 
     async def request(self, dst: str, body: Any, *, timeout: float, trace: str | None = None) -> Envelope:
         """Send `body` to node `dst` and return its first reply.
@@ -486,7 +611,7 @@ class Endpoint:
         self._check_running()
         env = Envelope.new(src=self.node_id, dst=dst, body=body, deadline=time.time() + timeout, trace=trace)
         pending = _Request(dst)
-        self._open(dst, env.id, pending)
+        self._open(env, pending)
         try:
             async with asyncio.timeout(timeout):
                 await self._send_envelope(env)
@@ -508,7 +633,7 @@ class Endpoint:
         self._check_running()
         env = Envelope.new(src=self.node_id, dst=dst, body=body, trace=trace)
         pending = _Stream(dst, self._inbox_size)
-        self._open(dst, env.id, pending)
+        self._open(env, pending)
         try:
             try:
                 async with asyncio.timeout(timeout):
@@ -571,6 +696,14 @@ class Endpoint:
             self.stats.malformed += 1
             log.warning("%s: dropped a frame of %d bytes: %s", self.node_id, len(frame), exc)
             return
+        if isinstance(env.body, Heartbeat):  # straight from its sender: a sample of the link's delay
+            self.routes.sample(env.src, time.time() - env.ts)  # (even when a relay's copy came first)
+        if self.relay and env.src != self.node_id and env.id not in self._dedupe:
+            dst = env.dst
+            # A broadcast goes on into the segments its sender may not reach (a wrapped one is
+            # passed on, hops and all, when it is unwrapped).
+            if (dst == "*" or dst.startswith("group:")) and not isinstance(env.body, Relay):
+                await self._flood(frame, dst, [])
         await self._dispatch(env)
 
     async def _dispatch(self, env: Envelope) -> None:
@@ -587,6 +720,14 @@ class Endpoint:
             return
         body = env.body
         if isinstance(body, Heartbeat):
+            if body.links is not None:
+                self.routes.learn(env.src, body.links)
+            return
+        if isinstance(body, Relay):
+            await self._on_relay(env, body)
+            return
+        if isinstance(body, Hello):  # a node of another segment, announced through a relay
+            self.peers.seen(env.src, body.capabilities, tuple(body.versions), body.bulk)
             return
         if isinstance(body, Bye):
             self.peers.gone(env.src, "left")
@@ -599,8 +740,113 @@ class Endpoint:
             return
         pending = self._pending.get(env.corr) if env.corr is not None else None
         self.stats.received += 1
+        if (
+            pending is not None
+            and isinstance(body, Error)
+            and body.code == "unreachable"
+            and env.src != pending.dst
+            and isinstance(pending, _Request)
+        ):  # a relay on the way could not forward the request: fail it, naming the destination
+            pending.fail(PeerUnreachable(pending.dst, f"{env.src} reports: {body.message}"))
+            return
         if pending is None or not await pending.put(env):
             await self._inbox.put(env)
+
+    # relaying --------------------------------------------------------------------------------
+
+    async def _on_relay(self, wrapper: Envelope, relay: Relay) -> None:
+        """A wrapped frame arrived: unwrap it when it is for us (or everyone); forward it if we relay."""
+        target = relay.target
+        hops = wrapper.hops if wrapper.hops else [wrapper.src]
+        broadcast = target == "*" or target.startswith("group:")
+        if target != self.node_id and not broadcast:
+            if self.relay:
+                await self._forward(wrapper, relay)
+            else:
+                self.stats.relay_refused += 1
+                log.warning("%s: no relay; dropped a frame for %s", self.node_id, target)
+            return
+        frame = relay.frame
+        try:
+            inner = decode(frame, max_size=self._max_frame)
+            if inner.id in self._dedupe or inner.src == self.node_id:
+                return  # flooded along two routes, or our own coming back
+            if inner.dst != target and not (inner.dst == "*" and target == self.node_id):
+                raise ProtocolError(f"a frame for {inner.dst!r} was wrapped for {target!r}")
+            if self._verifier is not None:  # end to end: the origin's own signature
+                self._verifier.check(inner, frame, fresh=inner.kind != "hello")
+        except ProtocolError as exc:
+            self.stats.malformed += 1
+            log.warning("%s: dropped a frame relayed by %s: %s", self.node_id, wrapper.src, exc)
+            return
+        if broadcast and self.relay:
+            await self._flood(frame, target, hops)
+        if isinstance(inner.body, Hello) and self.relay:
+            self._hellos[inner.src] = frame
+        self.stats.relayed_received += 1
+        self.routes.heard_through_relay(inner.src)
+        await self._dispatch(inner.model_copy(update={"hops": hops}))
+
+    async def _forward(self, wrapper: Envelope, relay: Relay) -> None:
+        """Pass a wrapped frame one hop on toward its target, or answer why it cannot go on."""
+        target = relay.target
+        hops = [*wrapper.hops] if wrapper.hops else []
+        why: str | None = None
+        if self.node_id in hops:
+            why = f"routing loop: the frame for {target} came back to relay {self.node_id} (hops {hops})"
+        elif len(hops) >= MAX_HOPS:
+            why = f"hop limit: the frame for {target} has passed {len(hops)} relays (at most {MAX_HOPS})"
+        else:
+            hop = self.routes.next_hop(target)
+            if hop is None or hop in hops:
+                why = f"relay {self.node_id} has no route to {target}"
+            else:
+                onward = Envelope.new(
+                    src=self.node_id,
+                    dst=hop,
+                    body=relay,
+                    deadline=wrapper.deadline,
+                    hops=[*hops, self.node_id],
+                    trace=wrapper.trace,
+                )
+                frame = encode(onward, signer=self._signer)
+                try:
+                    await self._put(hop, frame)
+                except FabricError as exc:
+                    why = f"relay {self.node_id} could not pass the frame to {hop}: {exc}"
+                else:
+                    self.stats.forwarded += 1
+                    return
+        self.stats.relay_refused += 1
+        log.warning("%s: dropped a frame from %s: %s", self.node_id, wrapper.src, why)
+        await self._refuse(relay, why)
+
+    async def _refuse(self, relay: Relay, why: str) -> None:
+        """Tell the origin of a request that it cannot be delivered (best effort, never raises)."""
+        try:
+            inner = decode(relay.frame, max_size=self._max_frame)
+        except ProtocolError:
+            return
+        if isinstance(inner.body, (Error, BlobChunk, Heartbeat, Bye, Hello)) or inner.corr is not None:
+            return  # nobody waits on these by id: a reply to a reply helps no one
+        error = Error(code="unreachable", message=why[:200], ref=inner.id, target=relay.target)
+        with contextlib.suppress(FabricError, TimeoutError):
+            async with asyncio.timeout(2.0):
+                await self.send(inner.src, error, corr=inner.id, deadline=inner.deadline, trace=inner.trace)
+
+    async def _flood(self, frame: bytes, target: str, hops: list[str]) -> None:
+        """As a relay, pass a broadcast (or group) frame into every segment we join."""
+        if self.node_id in hops or len(hops) >= MAX_HOPS:
+            return
+        wrapper = Envelope.new(
+            src=self.node_id, dst=target, body=Relay(target=target, frame=frame), hops=[*hops, self.node_id]
+        )
+        try:
+            await self._put(target, encode(wrapper, signer=self._signer))
+        except FabricError as exc:
+            log.warning("%s: could not pass a broadcast on: %s", self.node_id, exc)
+            return
+        self.stats.forwarded += 1
 
     async def _on_chunk(self, env: Envelope, chunk: BlobChunk) -> None:
         try:
@@ -648,6 +894,9 @@ class Endpoint:
             )
             return False
         self.stats.blobs_received += 1
+        if env.hops:  # its chunks came through relays: so did it
+            self.stats.relayed_blobs_received += 1
+            inner = inner.model_copy(update={"hops": env.hops})
         await self._dispatch(inner)
         return True
 
@@ -660,13 +909,16 @@ class Endpoint:
     async def wait_for_peer(self, node: str, timeout: float, *, announced: bool = False) -> None:
         """Return once `node` is alive; raise `DeadlineExceeded` after `timeout` seconds.
 
-        With `announced`, also wait for its `hello`, so its capabilities and bulk address are known.
+        A node in another segment must also be reachable through a relay. With `announced`, also
+        wait for its `hello`, so its capabilities and bulk address are known.
         """
         deadline = time.monotonic() + timeout
 
         def ready() -> bool:
             peer = self.peers.get(node)
-            return peer is not None and peer.alive and (not announced or peer.capabilities is not None)
+            if peer is None or not peer.alive or (announced and peer.capabilities is None):
+                return False
+            return not self.routes.is_far(node) or self.routes.path(node) is not None  # and routable
 
         while not ready():
             if time.monotonic() > deadline:
@@ -674,11 +926,13 @@ class Endpoint:
                 raise DeadlineExceeded(f"{self.node_id}: node {node!r} did not {what} within {timeout:g}s")
             await asyncio.sleep(min(0.01, self.heartbeat_s))
 
-    def _on_presence(self, event: PresenceEvent) -> None:
+    def _on_presence(self, transport: int, event: PresenceEvent) -> None:
         if event.node == self.node_id:
             return
         if event.state == "offline":
-            self.peers.gone(event.node, "dead")
+            self.routes.visible(event.node, transport, False)
+            if not self.routes.is_visible(event.node):  # a relay may still be seen on another broker
+                self.peers.gone(event.node, "dead")
             return
         try:
             hello = decode(event.frame, verifier=self._verifier, fresh=False)
@@ -687,26 +941,79 @@ class Endpoint:
             return
         if isinstance(hello.body, Hello) and hello.src == event.node:
             body = hello.body
+            self.routes.visible(event.node, transport, True)
             self.peers.seen(event.node, body.capabilities, tuple(body.versions), body.bulk)
+            if self.relay:
+                self._spawn(self._introduce(event.node, event.frame), f"introduce:{event.node}")
+
+    async def _introduce(self, node: str, frame: bytes) -> None:
+        """As a relay, tell the other segments of a node that appeared, and it of every node we know."""
+        known = self._hellos.get(node)
+        self._hellos[node] = frame
+        if known != frame:
+            await self._flood(frame, "*", [])
+        for other, hello in list(self._hellos.items()):
+            if other == node:
+                continue
+            wrapper = Envelope.new(
+                src=self.node_id, dst=node, body=Relay(target=node, frame=hello), hops=[self.node_id]
+            )
+            try:
+                await self._put(node, encode(wrapper, signer=self._signer))
+            except FabricError as exc:
+                log.warning("%s: could not introduce %s to %s: %s", self.node_id, other, node, exc)
+                return
+
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the background, held until done (the loop keeps only weak references)."""
+        task = asyncio.create_task(work, name=f"{name}:{self.node_id}")
+        self._strays.add(task)
+        task.add_done_callback(self._strays.discard)
 
     def _on_peer_event(self, event: PeerEvent) -> None:
+        self.routes.invalidate()
         if event.kind != "joined":
             why = "it said bye" if event.kind == "left" else "it was declared dead"
-            for pending in self._pending.values():
+            for pending in list(self._pending.values()):
                 if pending.dst == event.node:
                     pending.fail(PeerUnreachable(event.node, why))
+                elif pending.via == event.node:
+                    self._spawn(self._reroute(pending, event.node), f"reroute:{pending.dst}")
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:
                 log.exception("%s: peer listener failed on %s", self.node_id, event)
 
+    async def _reroute(self, pending: _Request | _Stream, relay: str) -> None:
+        """The relay a request went through died: send it again on the route that is left.
+
+        If it had arrived, its destination drops the copy as a duplicate; if its reply was lost
+        with the relay, the request ends at its deadline. With no route left it fails at once.
+        """
+        sent = pending.sent
+        if sent is None:
+            return
+        try:
+            hop = self._hop(sent.dst)
+            if hop == sent.dst and self.routes.is_far(sent.dst):
+                raise PeerUnreachable(sent.dst, f"relay {relay} died and no other relay reaches it")
+            pending.via = hop if hop != sent.dst else None
+            self.stats.rerouted += 1
+            await self._send_envelope(sent)
+        except PeerUnreachable as exc:
+            why = f"relay {relay} died with the request in flight, and {exc.why}"
+            pending.fail(PeerUnreachable(sent.dst, why))
+        except FabricError as exc:
+            log.warning("%s: %s not sent again after relay %s died: %s", self.node_id, sent.kind, relay, exc)
+
     async def _heartbeats(self) -> None:
         for seq in itertools.count():
             try:
-                await self._send_envelope(
-                    Envelope.new(src=self.node_id, dst="*", body=self._make_heartbeat(seq))
-                )
+                beat = self._make_heartbeat(seq)
+                if self.relay:
+                    beat = beat.model_copy(update={"links": self.routes.advertise()})
+                await self._send_envelope(Envelope.new(src=self.node_id, dst="*", body=beat))
             except FabricError as exc:  # the transport reconnects by itself; keep beating
                 log.warning("%s: heartbeat %d not sent: %s", self.node_id, seq, exc)
             except Exception:  # e.g. a failing `heartbeat` callback: log it, keep the node alive

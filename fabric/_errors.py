@@ -37,6 +37,7 @@ class PeerUnreachable(FabricError):
     def __init__(self, node: str, why: str) -> None:
         super().__init__(f"node {node!r} is unreachable: {why}")
         self.node = node
+        self.why = why
 
 
 class FabricClosed(FabricError):

@@ -73,6 +73,7 @@ class Envelope(WireModel):
         corr: str | None = None,
         deadline: float | None = None,
         trace: str | None = None,
+        hops: list[str] | None = None,
     ) -> Envelope:
         """Build an envelope with a fresh id and the current time, validating every field.
 
@@ -87,6 +88,7 @@ class Envelope(WireModel):
             and (corr is None or _is_wire_id(corr))
             and (deadline is None or (type(deadline) in (int, float) and 0 < deadline < math.inf))
             and (trace is None or (type(trace) is str and len(trace) <= 64))
+            and (hops is None or (len(hops) <= MAX_HOPS and all(_is_node(h) for h in hops)))
         ):
             env = cls.__new__(cls)
             fields = {
@@ -97,7 +99,7 @@ class Envelope(WireModel):
                 "corr": corr,
                 "ts": time.time(),
                 "deadline": deadline,
-                "hops": [],
+                "hops": [] if hops is None else list(hops),
                 "trace": trace,
                 "kid": None,
                 "body": body,
@@ -118,6 +120,7 @@ class Envelope(WireModel):
             ts=time.time(),
             deadline=deadline,
             trace=trace,
+            hops=[] if hops is None else hops,
             body=body,
         )
 

@@ -101,6 +101,8 @@ class Welcome(WireModel):
 class Heartbeat(WireModel):
     """Periodic liveness and load report of a node."""
 
+    WIRE_OMIT_NONE = frozenset({"links"})
+
     kind: Literal["heartbeat"] = "heartbeat"
     seq: int = Field(ge=0)
     """Increases by one with every heartbeat of a node's life."""
@@ -110,6 +112,9 @@ class Heartbeat(WireModel):
     """Tasks the node has accepted but not started."""
     load: float = Field(default=0.0, ge=0)
     """One-minute load average divided by cores."""
+    links: dict[NodeId, Annotated[float, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    """Sent by relays only: each node the relay can send to directly, with the measured one-way
+    delay of that link in milliseconds. Other nodes route through the relay on these links."""
 
 
 class Bye(WireModel):
@@ -416,11 +421,16 @@ class BlobRef(WireModel):
 
 
 class Relay(WireModel):
-    """A complete frame for `target`, carried by relays; the inner frame keeps its own signature."""
+    """A complete frame for `target`, carried by relays; the inner frame keeps its own signature.
+
+    The envelope around it goes one hop, from a node to a relay or from a relay to the next hop,
+    and is signed by that hop's sender; its `hops` list names the relays passed so far.
+    """
 
     kind: Literal["relay"] = "relay"
-    target: NodeId
-    """The final destination of the inner frame."""
+    target: Address
+    """The final destination of the inner frame: a node, or ``*`` or a group, which relays flood
+    into every segment they join."""
     frame: bytes
     """The inner envelope, encoded (and signed) by its origin; relays never alter it."""
 

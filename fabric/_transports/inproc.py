@@ -5,6 +5,12 @@ mailbox that outlives its connection (a persistent session), presence is retaine
 newcomers, a node that crashes has its presence withdrawn for it (the Last Will), a frame to a
 group reaches every member, and ``*`` reaches every connected node, the sender included.
 
+Segments are emulated with the rules of NAT: a node joins one or more segments and is public or
+not; a frame (broadcasts included) reaches a node only when the two share a segment or the
+receiver is public, and a node sees the presence only of nodes it can reach. Frames the rules
+stop are dropped and counted in `InprocHub.unreachable`, as a network would drop them. Nodes made
+without segments are public in segment ``default``, so by default every node reaches every other.
+
 Overflow policy: a mailbox holds `mailbox_size` frames. A sender to a connected node waits for
 room (backpressure). Frames for a node that is not connected are kept up to the same bound; past
 it the oldest are dropped and counted in `InprocHub.dropped`, as a broker drops for a session
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from fabric._errors import FabricClosed, TransportError
@@ -48,10 +55,25 @@ class InprocHub:
         self._cut: set[tuple[str, str]] = set()
         self.partitioned = 0
         """Frames dropped because a partition separates their sender from a receiver."""
+        self._where: dict[str, tuple[frozenset[str], bool]] = {}
+        self.unreachable = 0
+        """Frames dropped because the receiver is in no segment of the sender's and is not public."""
 
-    def transport(self, node_id: str) -> InprocTransport:
-        """A transport for `node_id` on this hub."""
+    def transport(
+        self, node_id: str, *, segments: Sequence[str] = ("default",), public: bool = True
+    ) -> InprocTransport:
+        """A transport for `node_id` on this hub, joined to `segments` (public, or behind NAT)."""
+        if isinstance(segments, str) or not segments:
+            raise ValueError(f"{node_id}: segments must be a non-empty list of names, got {segments!r}")
+        self._where[node_id] = (frozenset(segments), public)
         return InprocTransport(self, node_id)
+
+    def reaches(self, src: str, dst: str) -> bool:
+        """True when a frame from node `src` can reach node `dst` (shared segment, or `dst` public)."""
+        a, b = self._where.get(src), self._where.get(dst)
+        if a is None or b is None or b[1]:
+            return True
+        return not a[0].isdisjoint(b[0])
 
     def partition(self, a: str, b: str) -> None:
         """Drop every frame between nodes `a` and `b`, both ways, broadcasts included, until `heal`.
@@ -105,6 +127,9 @@ class InprocHub:
             if cut and (sender, node) in cut:
                 self.partitioned += 1
                 continue
+            if not self.reaches(sender, node):
+                self.unreachable += 1
+                continue
             await self._deliver(node, frame)
 
     def _attach(self, transport: InprocTransport, groups: list[str]) -> _Mailbox:
@@ -116,7 +141,8 @@ class InprocHub:
         for group in groups:
             self._members[group].add(transport.node_id)
         for node, frame in self._presence.items():  # retained presence, replayed to a newcomer
-            transport.presence(PresenceEvent(node, "online", frame))
+            if self.reaches(transport.node_id, node):
+                transport.presence(PresenceEvent(node, "online", frame))
         return box
 
     def _detach(self, transport: InprocTransport) -> None:
@@ -131,13 +157,15 @@ class InprocHub:
     def _announce(self, node: str, frame: bytes) -> None:
         self._presence[node] = frame
         for t in self._connected():
-            t.presence(PresenceEvent(node, "online", frame))
+            if self.reaches(t.node_id, node):
+                t.presence(PresenceEvent(node, "online", frame))
 
     def _withdraw(self, node: str) -> None:
         if self._presence.pop(node, None) is None:
             return
         for t in self._connected():
-            t.presence(PresenceEvent(node, "offline"))
+            if self.reaches(t.node_id, node):
+                t.presence(PresenceEvent(node, "offline"))
 
 
 class InprocTransport:

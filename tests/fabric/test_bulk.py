@@ -551,11 +551,11 @@ async def test_a_send_cancelled_between_its_stream_and_its_blob_ref_frees_the_fr
         assert listener is not None
         real_transmit, stuck = a._transmit, asyncio.Event()
 
-        async def transmit(address: str, frame: bytes) -> None:
+        async def transmit(address: str, frame: bytes, hop: str, deadline: float | None) -> None:
             if address == "b" and not stuck.is_set():  # the first frame to b is the blob.ref: it hangs
                 stuck.set()
                 await asyncio.Event().wait()
-            await real_transmit(address, frame)
+            await real_transmit(address, frame, hop, deadline)
 
         monkeypatch.setattr(a, "_transmit", transmit)
         send = asyncio.create_task(a.send("b", result(np.zeros(2 << 20, dtype=np.uint8))))
