@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,7 +80,7 @@ class Node:
     def __init__(
         self,
         node_id: str,
-        transport: Transport,
+        transport: Transport | Sequence[Transport],
         *,
         capabilities: Capabilities,
         registry: ExecutorRegistry | None = None,
@@ -94,11 +95,12 @@ class Node:
         slowdown: float = 1.0,
         services: ServiceRegistry | None = None,
         link_cost: LinkCost | None = None,
+        relay: bool = False,
     ) -> None:
         self.node_id = node_id
         self.registry = registry or ExecutorRegistry()
         kinds = capabilities.task_kinds or self.registry.kinds()
-        self.capabilities = capabilities.model_copy(update={"task_kinds": kinds})
+        self.capabilities = capabilities.model_copy(update={"task_kinds": kinds, "relay": relay})
         self.concurrency = concurrency or capabilities.cores
         self.slowdown = slowdown
         """Run time multiplier: 3.0 makes every task take three times as long (a straggler)."""
@@ -115,6 +117,7 @@ class Node:
             bulk=bulk,
             bulk_advertise=bulk_advertise,
             heartbeat=self._heartbeat,
+            relay=relay,
         )
         self.services = ServiceHost(node_id, services or ServiceRegistry())
         self.fabric = Fabric(self.endpoint, self.capabilities, self.services, link_cost)
