@@ -413,7 +413,7 @@ class Orchestrator:
             env = Envelope.new(src=self.endpoint.node_id, dst=node, body=assign, trace=graph.job)
             self._journal("dispatch", env)
         self.stats.dispatched += 1
-        self._event("speculate" if speculative else "dispatch", task_id, node, attempt_no)
+        self._event("speculate" if speculative else "dispatch", task_id, node, attempt_no, self._via(node))
         try:
             await self.endpoint.send(node, assign, trace=graph.job)
         except ProtocolError as exc:  # its params or inputs cannot travel: no retry will help
@@ -478,7 +478,8 @@ class Orchestrator:
         compute = body.metrics.get("compute_s")
         if compute is not None:
             self._estimates.add(task.spec.kind, attempt.node, compute)
-        self._event("done", body.task, attempt.node, body.attempt)
+        via = f"via {' > '.join(reversed(env.hops))}" if env.hops else ""  # the result came relayed
+        self._event("done", body.task, attempt.node, body.attempt, via)
         if body.patch:
             try:
                 self.patch(body.patch, source=f"result of {body.task}")
@@ -702,6 +703,14 @@ class Orchestrator:
         return Envelope.new(
             src=self.endpoint.node_id, dst="*", body=GraphPatch(job=graph.job, ops=ops, reason="job")
         )
+
+    def _via(self, node: str) -> str:
+        """``via relay-1`` when messages to `node` go through relays (for traces), else empty."""
+        try:
+            path = self.endpoint.route(node)
+        except FabricError:
+            return ""
+        return f"via {' > '.join(path[1:-1])}" if len(path) > 2 else ""
 
     def _event(
         self, kind: Any, task: str, node: str | None = None, attempt: int | None = None, detail: str = ""

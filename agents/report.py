@@ -55,3 +55,6 @@ class Report(BaseModel):
     expectations: list[Expectation] = []
     figures: dict[str, float] = {}
     outputs: dict[str, Any] = {}
+    routes: dict[str, list[str]] = {}
+    """Routes through relays at the end of the run, ``"src -> dst": [src, relay..., dst]``: between
+    the orchestrator and the nodes, and (in-process) between any two nodes. Direct routes are left out."""

@@ -32,7 +32,7 @@ from agents.orchestrator import JobEvent, Orchestrator
 from agents.report import Expectation, FaultRecord, NodeReport, Report, TaskCounts
 from agents.scenario import ORCHESTRATOR, Fault, Scenario
 from agents.services import ServiceRegistry, load_services
-from fabric import DeadlineExceeded, Endpoint, InprocHub, LinkTable, MqttTransport, Transport
+from fabric import DeadlineExceeded, Endpoint, FabricError, InprocHub, LinkTable, MqttTransport, Transport
 from fabric.testing import MosquittoBroker
 from protocol import Capabilities
 
@@ -53,11 +53,22 @@ def capabilities_of(scenario: Scenario, node: str) -> Capabilities:
         tier=spec.tier,
         cores=spec.cores,
         memory_mb=spec.memory_mb,
-        segment=spec.segment,
+        segment=spec.joined[0],
         reachability="nat" if spec.nat else "public",
+        relay=spec.relay,
         labels=spec.labels,
         models=spec.models,
     )
+
+
+def hub_transport(scenario: Scenario, hub: InprocHub) -> Callable[[str], Transport]:
+    """Makes each node's hub transport in its segments (the orchestrator in its host's)."""
+
+    def make(node: str) -> Transport:
+        spec = scenario.nodes[scenario.orchestrator_host if node == ORCHESTRATOR else node]
+        return hub.transport(node, segments=spec.joined, public=not spec.nat)
+
+    return make
 
 
 def links_of(scenario: Scenario, node: str) -> LinkTable:
@@ -110,6 +121,7 @@ class _InprocCluster:
             links=self.links[node_id],
             slowdown=self.slowdown.get(node_id, 1.0),
             link_cost=link_cost(self.scenario),
+            relay=self.scenario.nodes[node_id].relay,
         )
         self.nodes[node_id] = node  # before start: a start cut short is still closed at the end
         await node.start()
@@ -212,6 +224,11 @@ async def run_scenario(
         # half a cut, and the job would wait on a node it believes alive.
         raise ScenarioError(
             f"scenario {scenario.name!r}: partition and heal need the in-process hub; drop --mqtt"
+        )
+    if private_broker and len({s for spec in scenario.nodes.values() for s in spec.joined}) > 1:
+        raise ScenarioError(
+            f"scenario {scenario.name!r}: its nodes are in several segments, which --mqtt's one broker "
+            "cannot separate; run it in-process, or on daemons with a broker per segment (--broker)"
         )
     if broker is None:
         _load_plugins(scenario)
@@ -330,7 +347,7 @@ async def _make_cluster(
             )
         else:
             hub = InprocHub()
-            cluster = _InprocCluster(scenario, hub.transport, hub=hub)
+            cluster = _InprocCluster(scenario, hub_transport(scenario, hub), hub=hub)
         endpoint = Endpoint(
             ORCHESTRATOR,
             cluster.transport(ORCHESTRATOR),
@@ -369,14 +386,19 @@ async def _wait_for_nodes(
             flags = [
                 f"--id {node_id} --tier {spec.tier} --cores {spec.cores} --memory-mb {spec.memory_mb}",
                 *(f"--label {k}={v}" for k, v in spec.labels.items()),
-                f"--segment {spec.segment}" if spec.segment != "default" else "",
+                f"--segment {spec.joined[0]}" if spec.joined != ["default"] else "",
                 "--nat" if spec.nat else "",
+                "--relay --broker <one per further segment>" if spec.relay else "",
             ]
             raise ScenarioError(
                 f"node {node_id!r} of scenario {scenario.name!r} did not announce itself on {broker} "
                 f"(namespace {namespace!r}) within {wait_s:g}s; start it there: flowloom node "
                 f"{' '.join(f for f in flags if f)} --broker {broker} --namespace {namespace}"
             ) from None
+    if any(spec.relay for spec in scenario.nodes.values()):
+        # Relays report a link once they have heard it; a few heartbeats more, and the first tasks
+        # take routes chosen by measured delay rather than by whichever relay spoke first.
+        await asyncio.sleep(3 * (DAEMON_HEARTBEAT_S if broker else HEARTBEAT_S))
 
 
 def _mismatches(endpoint: Endpoint, scenario: Scenario) -> list[str]:
@@ -388,7 +410,7 @@ def _mismatches(endpoint: Endpoint, scenario: Scenario) -> list[str]:
         if caps is None:
             continue
         want = capabilities_of(scenario, node_id)
-        for name in ("tier", "cores", "memory_mb", "segment", "reachability", "labels", "models"):
+        for name in ("tier", "cores", "memory_mb", "segment", "reachability", "relay", "labels", "models"):
             if getattr(caps, name) != getattr(want, name):
                 found.append(
                     f"daemon {node_id} announces {name}={getattr(caps, name)!r}, the scenario says "
@@ -399,6 +421,8 @@ def _mismatches(endpoint: Endpoint, scenario: Scenario) -> list[str]:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, np.ndarray):
+        if value.ndim == 0:  # a number that travelled as a tensor (e.g. numpy's sum)
+            return value.item()
         return {"tensor": list(value.shape), "dtype": str(value.dtype)}
     if isinstance(value, bytes):
         return {"bytes": len(value)}
@@ -423,7 +447,7 @@ def _report(
     nodes = {
         node_id: NodeReport(
             tier=spec.tier,
-            segment=spec.segment,
+            segment="+".join(spec.joined),
             tasks_run=ran.get(node_id, 0),
             alive=cluster.alive(node_id),
         )
@@ -479,6 +503,14 @@ def _report(
     for task_id in graph.order():  # what executors measured, e.g. "chat.tokens_per_s"
         measured = graph.task(task_id).metrics
         figures.update({f"{task_id}.{name}": value for name, value in measured.items()})
+    endpoints = [orchestrator.endpoint]
+    if isinstance(cluster, _InprocCluster):
+        endpoints += [node.endpoint for node in cluster.nodes.values() if not node.closed]
+    relayed = [ep.stats for ep in endpoints]
+    if any(s.relayed_received or s.forwarded for s in relayed):  # marked: what went through relays
+        figures["relayed_envelopes"] = sum(s.relayed_received for s in relayed)
+        figures["relayed_blobs"] = sum(s.relayed_blobs_received for s in relayed)
+        figures["relay_forwarded"] = sum(s.forwarded for s in relayed)
     return Report(
         scenario=scenario.name,
         ok=all(c.ok for c in checks),
@@ -494,7 +526,24 @@ def _report(
         expectations=checks,
         figures=figures,
         outputs=outputs,
+        routes=_routes(endpoints, [orchestrator.endpoint.node_id, *scenario.nodes]),
     )
+
+
+def _routes(endpoints: list[Endpoint], nodes: list[str]) -> dict[str, list[str]]:
+    """The routes through relays from each of `endpoints` to each of `nodes` (for the report)."""
+    routes: dict[str, list[str]] = {}
+    for ep in endpoints:
+        for dst in nodes:
+            if dst == ep.node_id:
+                continue
+            try:
+                path = ep.route(dst)
+            except FabricError:  # unreachable at the end: no route to show
+                continue
+            if len(path) > 2:
+                routes[f"{ep.node_id} -> {dst}"] = path
+    return routes
 
 
 def write_trace(events: list[JobEvent], path: str | Path) -> None:
@@ -534,6 +583,9 @@ def write_trace(events: list[JobEvent], path: str | Path) -> None:
                             "attempt": event.attempt,
                             "end": event.kind,
                             "speculative": start.kind == "speculate",
+                            # relayed messages: "via edge-1" (out) and the way the result came back
+                            **({"sent": start.detail} if start.detail else {}),
+                            **({"returned": event.detail} if event.kind == "done" and event.detail else {}),
                         },
                     }
                 )

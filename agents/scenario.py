@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import networkx as nx
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -62,13 +63,31 @@ class NodeSpec(_Strict):
     memory_mb: int = Field(default=1024, ge=0)
     """Memory offered to tasks, in MiB."""
     segment: str = "default"
-    """Network segment (on MQTT: the broker)."""
+    """Network segment (on MQTT: the broker). A node reaches the nodes of its segments, and public
+    nodes; a node behind NAT in another segment only through a relay."""
+    segments: list[str] = []
+    """Every segment the node joins, when more than one (a relay's); replaces `segment`."""
     nat: bool = False
     """True when the node cannot be dialled from other segments."""
+    relay: bool = False
+    """True when the node forwards messages between the segments it joins."""
     labels: dict[str, str] = {}
     """Free labels for placement constraints."""
     models: list[str] = []
     """Models the node can load stages of (``smollm2-135m``, ``tiny-llama``, a directory)."""
+
+    @model_validator(mode="after")
+    def _one_way_to_name_segments(self) -> NodeSpec:
+        if self.segments and self.segment != "default":
+            raise ValueError("give `segment` or `segments`, not both")
+        if len(set(self.segments)) != len(self.segments):
+            raise ValueError(f"segments: {self.segments} names a segment twice")
+        return self
+
+    @property
+    def joined(self) -> list[str]:
+        """The segments the node joins, its own first."""
+        return list(self.segments) or [self.segment]
 
 
 class Link(_Strict):
@@ -248,12 +267,46 @@ class Scenario(_Strict):
                 raise ValueError(f"faults.{i}.peer: {fault.action} needs a peer")
             if fault.after is not None and fault.after.task not in ids:
                 raise ValueError(f"faults.{i}.after.task: unknown task {fault.after.task!r}")
+        self._check_reachable()
         generated = self.workload.generate.count if self.workload.generate is not None else 0
         for task_id in self.expect.outputs:
             if task_id not in ids and not _is_request(task_id, generated):
                 raise ValueError(f"expect.outputs: unknown task {task_id!r}")
         self.graph()  # the rest: a cycle, a generated id taken, params that cannot travel
         return self
+
+    def _check_reachable(self) -> None:
+        """Every node must reach the orchestrator's host and be reached by it, through relays if need be.
+
+        A node reaches directly the nodes of its segments and public nodes; only relays pass
+        messages on. Without this check such a run would wait for a node that can never answer.
+        """
+        host = self.orchestrator_host
+        reach: nx.DiGraph[str] = nx.DiGraph()
+        reach.add_nodes_from(self.nodes)
+        for a, spec_a in self.nodes.items():
+            for b, spec_b in self.nodes.items():
+                if a != b and (not spec_b.nat or set(spec_a.joined) & set(spec_b.joined)):
+                    reach.add_edge(a, b)
+        # only relays forward: a path may pass through a node only if it relays
+        relays = reach.subgraph(n for n, spec in self.nodes.items() if spec.relay)
+        for node in self.nodes:
+            for src, dst in ((host, node), (node, host)):
+                if src == dst or reach.has_edge(src, dst):
+                    continue
+                hops = [
+                    r
+                    for r in relays
+                    if reach.has_edge(src, r)
+                    and any(reach.has_edge(r2, dst) and nx.has_path(relays, r, r2) for r2 in relays)
+                ]
+                if not hops:
+                    raise ValueError(
+                        f"nodes.{node}: {src} cannot reach {dst}, which is behind NAT in segments "
+                        f"{self.nodes[dst].joined}, and no relay (or chain of relays) joins a segment of "
+                        f"{src}'s {self.nodes[src].joined} to one of {dst}'s; the orchestrator runs beside "
+                        f"{host}. Add a node with `relay: true` and `segments:` naming both sides"
+                    )
 
     def graph(self, job: str | None = None) -> TaskGraph:
         """The workload as a task graph of job `job` (default: the scenario's name).

@@ -504,8 +504,19 @@ def render() -> str:
         "",
         "Each node announces its tier, cores, memory, segment, reachability (`nat: true` is "
         "`nat`, otherwise `public`), labels, and every task kind it has an executor for. It runs at "
-        "most `cores` tasks at once; the rest wait on the node in arrival order. In-process runs "
-        "only report `segment` and `nat`; nothing acts on them yet.",
+        "most `cores` tasks at once; the rest wait on the node in arrival order.",
+        "",
+        "Segments are networks. A node reaches the nodes of its own segments and every public node; "
+        "a node behind NAT (`nat: true`) in another segment is reached only through a relay "
+        "(`relay: true`), a node that joins several segments (`segments: [home, dc]`) and passes "
+        "messages on. In-process the hub enforces these rules; against daemons a segment is a "
+        "broker and a relay is `flowloom node --relay` with a `--broker` per segment. Messages take "
+        "the cheapest route (a direct one whenever it exists); when a relay dies they move to "
+        "another. `flowloom validate` refuses a file where a node and the orchestrator cannot reach "
+        "each other. The report's `routes` lists the routes through relays at the end of the run, "
+        "the figures `relayed_envelopes`, `relayed_blobs` and `relay_forwarded` count the relayed "
+        "traffic, and a trace marks each task sent or answered through a relay (`via edge-1`). "
+        "See `scenarios/nat_relay.yaml`.",
         "",
         "A link is directed and emulated by its sending node; `symmetric: true` (the default) also "
         "emulates the reverse direction with the same figures. When several entries cover one "

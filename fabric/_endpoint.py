@@ -696,8 +696,8 @@ class Endpoint:
             self.stats.malformed += 1
             log.warning("%s: dropped a frame of %d bytes: %s", self.node_id, len(frame), exc)
             return
-        if isinstance(env.body, Heartbeat):  # straight from its sender: a sample of the link's delay
-            self.routes.sample(env.src, time.time() - env.ts)  # (even when a relay's copy came first)
+        if isinstance(env.body, Heartbeat) and env.dst == self.node_id:  # a probe of the link's delay
+            self.routes.sample(env.src, time.time() - env.ts)
         if self.relay and env.src != self.node_id and env.id not in self._dedupe:
             dst = env.dst
             # A broadcast goes on into the segments its sender may not reach (a wrapped one is
@@ -779,10 +779,12 @@ class Endpoint:
             self.stats.malformed += 1
             log.warning("%s: dropped a frame relayed by %s: %s", self.node_id, wrapper.src, exc)
             return
-        if broadcast and self.relay:
-            await self._flood(frame, target, hops)
-        if isinstance(inner.body, Hello) and self.relay:
+        if self.relay and isinstance(inner.body, Hello):
+            known = self._hellos.get(inner.src)
             self._hellos[inner.src] = frame
+            broadcast = broadcast or known != frame  # introduced to us alone: pass it on all the same
+        if broadcast and self.relay:
+            await self._flood(frame, "*" if target == self.node_id else target, hops)
         self.stats.relayed_received += 1
         self.routes.heard_through_relay(inner.src)
         await self._dispatch(inner.model_copy(update={"hops": hops}))
@@ -1007,6 +1009,20 @@ class Endpoint:
         except FabricError as exc:
             log.warning("%s: %s not sent again after relay %s died: %s", self.node_id, sent.kind, relay, exc)
 
+    async def _probe(self, seq: int) -> None:
+        """Probe the links toward relays: a unicast heartbeat to each direct peer that relays.
+
+        A relay probes every direct peer. The receiver takes a probe's delay as a sample of the link.
+
+        Broadcasts are not samples: they take one path for all, where unicast frames take the
+        link (and its emulation) toward each receiver.
+        """
+        probe = Heartbeat(seq=seq)
+        for peer in self.peers.alive():
+            relays = peer.capabilities is not None and peer.capabilities.relay
+            if (self.relay or relays) and self.routes.is_direct(peer.node):
+                await self._send_envelope(Envelope.new(src=self.node_id, dst=peer.node, body=probe))
+
     async def _heartbeats(self) -> None:
         for seq in itertools.count():
             try:
@@ -1014,6 +1030,7 @@ class Endpoint:
                 if self.relay:
                     beat = beat.model_copy(update={"links": self.routes.advertise()})
                 await self._send_envelope(Envelope.new(src=self.node_id, dst="*", body=beat))
+                await self._probe(seq)
             except FabricError as exc:  # the transport reconnects by itself; keep beating
                 log.warning("%s: heartbeat %d not sent: %s", self.node_id, seq, exc)
             except Exception:  # e.g. a failing `heartbeat` callback: log it, keep the node alive

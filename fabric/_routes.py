@@ -36,7 +36,12 @@ HOP_MS = 1.0
 SAMPLES = 8
 """Delay samples kept per link; the smallest counts (queueing only ever adds delay)."""
 
-_REWEIGH_S = 1.0  # changed delays alone re-rank routes at most this often; a changed topology at once
+_REWEIGH_S = 1.0  # small changes of delay re-rank routes at most this often; a new topology at once
+
+
+def _moved(before: float, now: float) -> bool:
+    """A delay changed enough to re-rank routes at once: by 2 ms and by a fifth."""
+    return abs(now - before) > max(2.0, 0.2 * before)
 
 
 class Routes:
@@ -85,13 +90,21 @@ class Routes:
         samples = self._delays.get(node)
         if samples is None:
             samples = self._delays[node] = deque(maxlen=SAMPLES)
+        before = min(samples) if samples else None
         samples.append(delay_s * 1e3)
+        if before is None or _moved(before, min(samples)):
+            self.invalidate()
 
     def learn(self, relay: str, links: Mapping[str, float]) -> None:
         """`relay` reported the nodes it reaches directly and each link's delay (ms)."""
         before = self._links.get(relay)
         self._links[relay] = dict(links)
-        if before is None or before.keys() != links.keys() or self._clock() - self._computed_at > _REWEIGH_S:
+        if (
+            before is None
+            or before.keys() != links.keys()
+            or any(_moved(before[n], ms) for n, ms in links.items())
+            or self._clock() - self._computed_at > _REWEIGH_S
+        ):
             self.invalidate()
 
     def invalidate(self) -> None:

@@ -7,7 +7,8 @@ import pytest
 import yaml
 
 from agents.errors import ScenarioError
-from agents.runner import run_scenario
+from agents.orchestrator import JobEvent
+from agents.runner import run_scenario, write_trace
 from agents.scenario import Scenario, load_scenario
 
 
@@ -72,6 +73,19 @@ def write(tmp_path: Path, data: dict[str, Any]) -> Path:
         (
             lambda d: d.update(faults=[{"at_s": 0, "action": "slow_node", "node": "edge-1", "factor": 0.5}]),
             r"faults\.0\.factor: Input should be greater than 1",
+        ),
+        (
+            lambda d: d["nodes"]["edge-1"].update(segment="home", segments=["home", "dc"]),
+            r"nodes\.edge-1: give `segment` or `segments`, not both",
+        ),
+        (
+            lambda d: d["nodes"]["edge-1"].update(segments=["home", "home"]),
+            r"nodes\.edge-1: segments: \['home', 'home'\] names a segment twice",
+        ),
+        (  # the orchestrator beside edge-1, behind NAT at home; edge-2 elsewhere, and no relay
+            lambda d: d["nodes"]["edge-1"].update(segment="home", nat=True),
+            r"nodes\.edge-2: edge-2 cannot reach edge-1, which is behind NAT in segments \['home'\], "
+            r"and no relay",
         ),
     ],
 )
@@ -188,4 +202,39 @@ async def test_partitions_are_refused_on_a_private_broker_which_cannot_cut_broad
         [{"at_s": 0.1, "action": "partition", "node": "edge-1", "peer": "cloud-1"}],
     )
     with pytest.raises(ScenarioError, match="partition and heal need the in-process hub; drop --mqtt"):
+        await run_scenario(scenario, private_broker=True)
+
+
+async def test_nat_relay_scenario_crosses_segments_through_relays_and_survives_losing_one(
+    tmp_path: Path,
+) -> None:
+
+    events: list[JobEvent] = []
+    report, _ = await run_scenario(load_scenario("scenarios/nat_relay.yaml"), on_event=events.append)
+
+    assert report.ok, report.expectations
+    assert report.outputs["checksum"] == sum(range(2 * 1024 * 1024))  # 16 MiB crossed intact
+    assert report.faults[0].target == "killed edge-1"
+    assert report.nodes["edge-1"].segment == "home+dc"
+    # The phone and the cloud side reach each other only through the relay left alive.
+    assert report.routes["orchestrator -> phone"] == ["orchestrator", "edge-2", "phone"]
+    assert report.routes["phone -> cloud-1"] == ["phone", "edge-2", "cloud-1"]
+    assert "orchestrator -> cloud-1" not in report.routes  # same segment: direct
+    assert report.figures["relayed_blobs"] >= 1 and report.figures["relay_forwarded"] > 0
+    # The trace says which tasks went through which relay: edge-1 before its death, then edge-2.
+    trace = tmp_path / "trace.json"
+    write_trace(events, trace)
+    spans = {
+        e["name"]: e["args"]
+        for e in __import__("json").loads(trace.read_text())["traceEvents"]
+        if e["ph"] == "X"
+    }
+    assert spans["capture"]["sent"] == "via edge-1" and spans["capture"]["returned"] == "via edge-1"
+    assert spans["notify"]["sent"] == "via edge-2"
+    assert "sent" not in spans["checksum"]  # the cloud is beside the orchestrator
+
+
+async def test_segments_are_refused_on_a_private_broker_which_cannot_separate_them() -> None:
+    scenario = load_scenario("scenarios/nat_relay.yaml")
+    with pytest.raises(ScenarioError, match="several segments, which --mqtt's one broker cannot separate"):
         await run_scenario(scenario, private_broker=True)
