@@ -121,6 +121,13 @@ def _print_report(report: Report, console: Console) -> None:
     for name, value in report.figures.items():
         figures.add_row(name, f"{value:,.4g}")
     console.print(figures)
+    if report.routes:
+        routes = Table(title="routes through relays")
+        routes.add_column("from -> to")
+        routes.add_column("path")
+        for pair, path in report.routes.items():
+            routes.add_row(pair, " > ".join(path))
+        console.print(routes)
     t = report.tasks
     console.print(
         f"tasks: {t.done} done, {t.failed} failed or skipped, {t.cancelled} cancelled, of {t.total}"
@@ -169,17 +176,30 @@ def _is_loopback(host: str) -> bool:
 
 
 async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Console) -> int:
-    warning = loopback_warning(args.bulk_advertise or args.bulk, args.broker)
-    if warning is not None:
-        console.print(f"[yellow]warning:[/yellow] {warning}")
-    transport = MqttTransport(args.broker, args.id, namespace=args.namespace)
+    brokers: list[str] = args.broker  # one or more (--broker repeats): one segment each
+    # The bulk address is announced on every broker (and relays carry hellos further), so peers on
+    # each broker may dial it: every broker not on this machine gets its warning.
+    for broker in brokers:
+        warning = loopback_warning(args.bulk_advertise or args.bulk, broker)
+        if warning is not None:
+            console.print(f"[yellow]warning:[/yellow] {warning}", highlight=False)
+    if args.relay and len(brokers) < 2:
+        console.print(
+            "[yellow]warning:[/yellow] --relay with a single --broker forwards nothing: "
+            "a relay joins two brokers or more (repeat --broker)",
+            highlight=False,
+        )
+    # One transport per broker, all with this node's id and the same namespace.
+    transports = [MqttTransport(url, args.id, namespace=args.namespace) for url in brokers]
     node = Node(
         args.id,
-        transport,
+        transports if len(transports) > 1 else transports[0],
         capabilities=caps,
         heartbeat_s=args.heartbeat_s,
+        dead_after_s=args.dead_after_s,
         bulk=args.bulk,
         bulk_advertise=args.bulk_advertise,
+        relay=args.relay,
     )
     if caps.models:
         # A node that serves model stages imports its services (torch, transformers: seconds of
@@ -190,9 +210,12 @@ async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Con
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
     async with node:
+        relaying = ", relaying" if args.relay else ""
         console.print(
-            f"node {args.id} ({caps.tier}) on {args.broker}, fabric {args.namespace!r}: ready",
+            f"node {args.id} ({caps.tier}) on {', '.join(brokers)}, "
+            f"fabric {args.namespace!r}{relaying}: ready",
             highlight=False,
+            soft_wrap=True,  # one line, however long: scripts and tests wait for it
         )
         await stopping.wait()
         console.print(f"node {args.id}: draining (up to {args.grace_s:g}s), then leaving")
@@ -234,10 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument(
         "--wait-s", type=float, default=30.0, help="with --broker: how long to wait for the nodes"
     )
-    node = sub.add_parser("node", help="run a node daemon on an MQTT broker")
+    node = sub.add_parser(
+        "node", help="run a node daemon on an MQTT broker (or several, one segment each, with --relay)"
+    )
     node.add_argument("--id", required=True, help="node id, unique on the fabric")
     node.add_argument("--tier", choices=["device", "edge", "cloud"], required=True)
-    node.add_argument("--broker", required=True, metavar="URL", type=_mqtt_url, help="mqtt://host:port")
+    node.add_argument(
+        "--broker",
+        required=True,
+        action="append",
+        metavar="URL",
+        type=_mqtt_url,
+        help="mqtt://host:port; repeat it to join several brokers (one segment each), e.g. with --relay",
+    )
     node.add_argument("--namespace", default="flowloom", help="fabric namespace on the broker")
     node.add_argument("--cores", type=int, default=os.cpu_count() or 1)
     node.add_argument("--memory-mb", type=int, default=1024)
@@ -249,13 +281,27 @@ def main(argv: list[str] | None = None) -> int:
     )
     node.add_argument("--bulk", metavar="HOST:PORT", help="accept large tensors directly here")
     node.add_argument("--bulk-advertise", metavar="HOST:PORT", help="the address peers dial for --bulk")
+    node.add_argument(
+        "--relay",
+        action="store_true",
+        help="forward envelopes between this node's brokers, for nodes that cannot reach each other",
+    )
     node.add_argument("--heartbeat-s", type=float, default=1.0)
+    node.add_argument(
+        "--dead-after-s",
+        type=float,
+        help="declare a silent peer dead after this long (default: 3 heartbeats); raise it on busy links",
+    )
     node.add_argument("--grace-s", type=float, default=10.0, help="on SIGTERM, time for running tasks")
     args = parser.parse_args(argv)
     if getattr(args, "resume", False) and not args.journal:
         parser.error("--resume needs --journal FILE")
     if getattr(args, "mqtt", False) and args.broker:
         parser.error("--mqtt starts a private broker; --broker uses daemons on yours: choose one")
+    if args.command == "node":
+        twice = sorted({url for url in args.broker if args.broker.count(url) > 1})
+        if twice:  # two connections with one client id: the broker would drop each for the other
+            parser.error(f"--broker {twice[0]} is given twice")
     console = Console()
     try:
         return {"validate": _validate, "run": _run, "node": _node}[args.command](args, console)

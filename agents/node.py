@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ from typing import Any
 from agents.errors import ExecutorFailed, UnknownTaskKind
 from agents.executors import ExecutorRegistry, Expand, Measured, TaskContext
 from agents.services import Fabric, LinkCost, ServiceHost, ServiceRegistry
-from fabric import Endpoint, FabricError, LinkTable, Transport
+from fabric import Endpoint, FabricError, LinkTable, PeerUnreachable, Transport
 from protocol import (
     Call,
     Capabilities,
@@ -48,6 +49,9 @@ from protocol import (
 __all__ = ["Node", "NodeStats"]
 
 log = logging.getLogger("agents.node")
+
+_ANSWER_TRIES = 12
+"""Tries to send a result to an orchestrator with no route to it (about 8 s with the backoff)."""
 
 
 @dataclass
@@ -324,4 +328,14 @@ class Node:
 
     async def _answer(self, assign: Envelope, body: TaskResult | TaskFailed) -> None:
         # The orchestrator may wait a long time for a result; answers never expire on their way.
-        await self.endpoint.send(assign.src, body, corr=assign.id, trace=assign.trace)
+        for attempt in itertools.count():
+            try:
+                await self.endpoint.send(assign.src, body, corr=assign.id, trace=assign.trace)
+                return
+            except PeerUnreachable:
+                # In another segment, between relays (one died, the next has not reported its
+                # routes yet): keep the result while the orchestrator is still believed alive.
+                peer = self.endpoint.peers.get(assign.src)
+                if peer is None or not peer.alive or attempt >= _ANSWER_TRIES:
+                    raise
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))

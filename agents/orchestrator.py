@@ -62,6 +62,9 @@ __all__ = ["JobEvent", "Orchestrator", "OrchestratorStats"]
 
 log = logging.getLogger("agents.orchestrator")
 
+_REPLACE_S = 0.25
+"""While a ready task has no node to go to, placement is tried again this often (and on every event)."""
+
 LinkCost = Callable[[str, str, int], float]
 """(producer node, consumer node, bytes) -> seconds to move them."""
 
@@ -320,7 +323,14 @@ class Orchestrator:
         self._check_finished()
         while True:
             await self._dispatch_ready()
-            await self._kick.wait()
+            if self._graph().ready():
+                # Unplaced for now: a node may come into reach with no event (a relay reports a
+                # route again), so look again soon as well as on the next event.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(_REPLACE_S):
+                        await self._kick.wait()
+            else:
+                await self._kick.wait()
             self._kick.clear()
 
     async def _dispatch_ready(self) -> None:
@@ -347,6 +357,7 @@ class Orchestrator:
             else []
         )
         outstanding_of, estimate, allowed = self._outstanding, self._estimates.get, self.nodes
+        reachable = self.endpoint.reachable
         best, best_cost = None, float("inf")
         for peer in self.endpoint.peers.alive():
             caps = peer.capabilities
@@ -365,6 +376,8 @@ class Orchestrator:
             if needs.cores > cores or needs.memory_mb > caps.memory_mb:
                 continue
             if accelerators and any(acc not in caps.accelerators for acc in accelerators):
+                continue
+            if not reachable(node):  # alive, but in another segment with no relay to it just now
                 continue
             outstanding = outstanding_of[node]
             if free_only and outstanding >= cores:

@@ -308,6 +308,7 @@ class Endpoint:
         self._state: Literal["new", "running", "closed"] = "new"
         self._background: asyncio.Task[None] | None = None
         self._strays: set[asyncio.Task[None]] = set()
+        self._joined = asyncio.Event()  # set once every transport is connected and announced
 
     @property
     def bulk_listener(self) -> BulkListener | None:
@@ -348,6 +349,7 @@ class Endpoint:
                 self._hellos[self.node_id] = announcement
             for transport in self.transports:
                 await transport.announce(announcement)
+            self._joined.set()
         except BaseException:
             await self._shutdown(graceful=False)
             raise
@@ -492,6 +494,14 @@ class Endpoint:
                 + (f" (alive relays: {', '.join(relays)})" if relays else " (no relay is alive)"),
             )
         return dst
+
+    def reachable(self, dst: str) -> bool:
+        """False when `dst` is known to need a relay and none reaches it now; else True."""
+        try:
+            self._hop(dst)
+        except PeerUnreachable:
+            return False
+        return True
 
     def route(self, dst: str) -> list[str]:
         """The nodes a message to `dst` passes now, from this node to `dst`.
@@ -950,6 +960,7 @@ class Endpoint:
 
     async def _introduce(self, node: str, frame: bytes) -> None:
         """As a relay, tell the other segments of a node that appeared, and it of every node we know."""
+        await self._joined.wait()  # presence arrives while later transports still connect
         known = self._hellos.get(node)
         self._hellos[node] = frame
         if known != frame:

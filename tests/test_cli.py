@@ -34,7 +34,9 @@ def test_quickstart_runs_and_writes_a_report_with_the_design_keys(tmp_path: Path
         "expectations",
         "figures",
         "outputs",
+        "routes",  # added beside DESIGN's keys: routes through relays (none here)
     }
+    assert report["routes"] == {}
     assert report["ok"] is True
     assert set(report["tasks"]) == {"total", "done", "failed", "cancelled"}
     assert report["tasks"]["done"] == report["tasks"]["total"] == 13  # 12 + one added by escalation
