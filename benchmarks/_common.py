@@ -11,9 +11,10 @@ import argparse
 import asyncio
 import gc
 import json
+import math
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -126,3 +127,26 @@ async def read_line(proc: asyncio.subprocess.Process, timeout: float, what: str)
     if not line:
         raise RuntimeError(f"{what}: exited with code {await proc.wait()}")
     return line.decode().strip()
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (`q` in 0..1) of `samples`."""
+    ordered = sorted(samples)
+    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
+    return ordered[rank - 1]
+
+
+def cpu_seconds(pid: int | None) -> float | None:
+    """CPU time (user + system) of process `pid` so far, from /proc (None elsewhere)."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def target_met(ok: bool) -> str:
+    """A target's verdict for a rich table: a green yes or a red no."""
+    return "[green]yes[/]" if ok else "[red]no[/]"

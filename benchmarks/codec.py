@@ -65,7 +65,7 @@ from rich.table import Table  # noqa: E402
 from typing_extensions import Buffer  # noqa: E402
 
 import protocol  # noqa: E402
-from benchmarks._common import base_parser, emit, gc_paused  # noqa: E402
+from benchmarks._common import base_parser, emit, gc_paused, target_met  # noqa: E402
 from protocol import Envelope, TaskAck, TaskResult, new_id  # noqa: E402
 
 TENSOR_BYTES = 64 << 20
@@ -297,10 +297,6 @@ def run(settings: Settings) -> dict[str, Any]:
     }
 
 
-def _met(ok: bool) -> str:
-    return "[green]yes[/]" if ok else "[red]no[/]"
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as a table (units in the first column), then a one-line verdict."""
     mode = "quick" if result["quick"] else "full"
@@ -318,11 +314,16 @@ def render(result: dict[str, Any], console: Console) -> None:
         f"{result['raw_msgpack_us']:.2f} msgpack",
         f"{small_ratio:.2f}x",
         TARGETS["small_ratio_vs_raw_msgpack"],
-        _met(small_ok),
+        target_met(small_ok),
     )
     memcpy = result["memcpy_gbps"]
     rows = [
-        ("64 MiB numpy, GB/s", result["tensor_gbps"], TARGETS["tensor_ratio_vs_memcpy"], _met(tensor_ok)),
+        (
+            "64 MiB numpy, GB/s",
+            result["tensor_gbps"],
+            TARGETS["tensor_ratio_vs_memcpy"],
+            target_met(tensor_ok),
+        ),
         ("64 MiB encode(), GB/s", result["tensor_encode_bytes_gbps"], "info", ""),
         ("64 MiB torch, GB/s", result["tensor_torch_gbps"], "info", ""),
     ]
@@ -336,8 +337,8 @@ def render(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     verdict = "[green]meets targets[/]" if result["meets_targets"] else "[red]misses targets[/]"
     console.print(
-        f"Verdict: {verdict}: small envelope {small_ratio:.2f}x raw msgpack ({_met(small_ok)}), "
-        f"64 MiB tensor {tensor_ratio:.2f}x memcpy ({_met(tensor_ok)}), "
+        f"Verdict: {verdict}: small envelope {small_ratio:.2f}x raw msgpack ({target_met(small_ok)}), "
+        f"64 MiB tensor {tensor_ratio:.2f}x memcpy ({target_met(tensor_ok)}), "
         f"identical {result['identical']}, zero-copy {result['zero_copy']}"
     )
 

@@ -81,7 +81,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import queue
@@ -92,7 +91,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +112,18 @@ from rich.table import Table  # noqa: E402
 
 import protocol  # noqa: E402
 from benchmarks import mqtt_clients  # noqa: E402
-from benchmarks._common import base_parser, cpu_choices, emit_live, gc_paused, pinned, read_line, spawn_script  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    base_parser,
+    cpu_choices,
+    cpu_seconds,
+    emit_live,
+    gc_paused,
+    percentile,
+    pinned,
+    read_line,
+    spawn_script,
+    target_met,
+)
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Envelope, TaskAck, TaskCancel, TaskProgress, TaskResult  # noqa: E402
@@ -193,13 +203,6 @@ def _key(size: int) -> str:
 # --- timing -------------------------------------------------------------------------------------
 
 
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (`q` in 0..1) of `samples`."""
-    ordered = sorted(samples)
-    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
-    return ordered[rank - 1]
-
-
 def latency_us(repeats: list[list[float]], batch: int) -> tuple[float | None, float | None]:
     """p50 and p99 in microseconds: p50 the best over batches of `batch` consecutive calls (of every
     repeat), p99 the best over repeats of all of a repeat's calls (a batch is too short for a p99)."""
@@ -208,17 +211,6 @@ def latency_us(repeats: list[list[float]], batch: int) -> tuple[float | None, fl
     p50 = min(percentile(s[i : i + batch], 0.50) for s in repeats for i in range(0, len(s), batch))
     p99 = min(percentile(s, 0.99) for s in repeats)
     return p50 * 1e6, p99 * 1e6
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """CPU time (user + system) of process `pid` so far, from /proc (None elsewhere)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def progress_bodies(n: int) -> list[TaskProgress]:
@@ -925,10 +917,6 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-def _met(ok: bool) -> str:
-    return "[green]yes[/]" if ok else "[red]no[/]"
-
-
 def _num(value: float | None, fmt: str = ",.0f") -> str:
     return "[red]none[/]" if value is None else format(value, fmt)
 
@@ -952,7 +940,7 @@ def render(result: dict[str, Any], console: Console) -> None:
     table.add_row("inproc msgs/s", _num(r["inproc_msgs_per_s"]), "", "", "info", "")
     p50 = r["inproc_rr_p50_us"]
     ok = p50 <= INPROC_P50_TARGET
-    table.add_row("inproc req p50 us", f"{p50:.1f}", "", "", TARGETS["inproc_rr_p50_us"], _met(ok))
+    table.add_row("inproc req p50 us", f"{p50:.1f}", "", "", TARGETS["inproc_rr_p50_us"], target_met(ok))
     table.add_row("inproc req p99 us", f"{r['inproc_rr_p99_us']:.1f}", "", "", "info", "")
     ratio = r["mqtt_ratio_vs_raw"]
     table.add_row(
@@ -961,7 +949,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         f"raw paho {_num(r['raw_paho_msgs_per_s'])}",
         "" if ratio is None else f"{ratio:.2f}x",
         TARGETS["mqtt_ratio_vs_raw"],
-        _met(ratio is not None and ratio >= MQTT_RATIO_TARGET),
+        target_met(ratio is not None and ratio >= MQTT_RATIO_TARGET),
     )
     table.add_row("MQTT req p50 us", _num(r["mqtt_rr_p50_us"], ".1f"), "", "", "info", "")
     table.add_row("MQTT req p99 us", _num(r["mqtt_rr_p99_us"], ".1f"), "", "", "info", "")
@@ -975,7 +963,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         target, met = "info", ""
         if size == max(BLOB_SIZES):
             target = TARGETS["mqtt_blob_ratio_vs_tcp"]
-            met = _met(blob_ratio is not None and blob_ratio >= BLOB_RATIO_TARGET)
+            met = target_met(blob_ratio is not None and blob_ratio >= BLOB_RATIO_TARGET)
         table.add_row(
             f"{label} MQTT GB/s",
             _num(mqtt, ".3f"),

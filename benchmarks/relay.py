@@ -69,14 +69,13 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
-import math
 import os
 import platform
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +93,7 @@ from rich.markup import escape  # noqa: E402
 from rich.table import Table  # noqa: E402
 
 import protocol  # noqa: E402
-from benchmarks._common import base_parser, emit_live, gc_paused  # noqa: E402
+from benchmarks._common import base_parser, cpu_seconds, emit_live, gc_paused, percentile, target_met  # noqa: E402
 from fabric import Endpoint, EndpointStats, MqttTransport, PeerUnreachable  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Envelope, TaskAck, TaskCancel, TaskResult  # noqa: E402
@@ -168,24 +167,6 @@ class Settings:
 
 
 # --- timing -------------------------------------------------------------------------------------
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (`q` in 0..1) of `samples`."""
-    ordered = sorted(samples)
-    rank = min(len(ordered), max(1, math.ceil(q * len(ordered))))
-    return ordered[rank - 1]
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """CPU time (user + system) of process `pid` so far, from /proc (None elsewhere)."""
-    if pid is None:
-        return None
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def broker_pid(broker: MosquittoBroker) -> int | None:
@@ -491,10 +472,6 @@ def report(settings: Settings, tops: list[Topology], blob: TaskResult) -> dict[s
     return out
 
 
-def _met(ok: bool) -> str:
-    return "[green]yes[/]" if ok else "[red]no[/]"
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as a table, then the checks and a one-line verdict."""
     r = result
@@ -528,11 +505,11 @@ def render(result: dict[str, Any], console: Console) -> None:
     for name in (spec.name for spec in TOPOLOGIES):
         console.print(f"route {name}: {' -> '.join(r[f'{name}_route'])}")
     for what, ok in r["checks"].items():
-        console.print(f"check: {escape(what)}: {_met(ok)}")
+        console.print(f"check: {escape(what)}: {target_met(ok)}")
     ratio = r["relay_overhead_ratio"]
     console.print(
         f"Target relay_overhead_ratio (relay1 p50 / direct p50) {TARGETS['relay_overhead_ratio']}: "
-        f"{ratio:.2f} -> {_met(r['meets_targets'])}"
+        f"{ratio:.2f} -> {target_met(r['meets_targets'])}"
     )
     verdict = "[green]all checks passed[/]" if r["checks_passed"] else "[red]CHECKS FAILED[/]"
     console.print(f"Verdict: {verdict}; target {'met' if r['meets_targets'] else '[red]missed[/]'}")

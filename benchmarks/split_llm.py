@@ -82,7 +82,7 @@ from backends.llm.driver import Generation, SplitGenerator  # noqa: E402
 from backends.llm.models import SMOLLM2, load_tokenizer  # noqa: E402
 from backends.llm.reference import MonolithicResult, generate_monolithic  # noqa: E402
 from backends.llm.stage import SERVICE, WIRE_DTYPES  # noqa: E402
-from benchmarks._common import base_parser, emit_live, gc_paused  # noqa: E402
+from benchmarks._common import base_parser, emit_live, gc_paused, target_met  # noqa: E402
 from fabric import DeadlineExceeded, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Capabilities  # noqa: E402
@@ -561,10 +561,6 @@ def _num(value: float | None, fmt: str = ".2f") -> str:
     return "[red]none[/]" if value is None else format(value, fmt)
 
 
-def _met(ok: bool) -> str:
-    return "[green]yes[/]" if ok else "[red]no[/]"
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as two tables (speed, wire formats), then notes and a one-line verdict."""
     r = result
@@ -590,7 +586,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         _num(r["split_mqtt_tokens_per_s"]),
         "" if ratio is None else f"{ratio:.2f}x",
         TARGETS["split_inproc_ratio"],
-        _met(ratio is not None and ratio >= RATIO_TARGET),
+        target_met(ratio is not None and ratio >= RATIO_TARGET),
     )
     table.add_row(
         f"tokens/s, {r['sessions']} sessions",
@@ -610,7 +606,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         "info",
         "",
     )
-    table.add_row("identical tokens", "", "", "", "", "float32", _met(r["identical_tokens"]))
+    table.add_row("identical tokens", "", "", "", "", "float32", target_met(r["identical_tokens"]))
     console.print(table)
     eos = r["details"]["reference_eos_at"]
     wires = Table(
