@@ -486,6 +486,9 @@ class Endpoint:
         path = self.routes.path(dst)
         if path is not None:
             return path[1]
+        back = self.routes.way_back(dst)
+        if back is not None:
+            return back
         if self.routes.is_far(dst):
             relays = self.routes.relays()
             raise PeerUnreachable(
@@ -506,11 +509,15 @@ class Endpoint:
     def route(self, dst: str) -> list[str]:
         """The nodes a message to `dst` passes now, from this node to `dst`.
 
-        Raises `PeerUnreachable` when `dst` is known to need a relay and none reaches it.
+        Raises `PeerUnreachable` when `dst` is known to need a relay and none reaches it. Before
+        any relay has reported a way to `dst`, a message goes back the way `dst`'s last one came:
+        then only the first relay is known (``[me, relay, dst]``).
         """
         hop = self._hop(dst)
+        if hop == dst:
+            return [self.node_id, dst]
         path = self.routes.path(dst)
-        return path if path is not None and hop != dst else [self.node_id, dst]
+        return path if path is not None else [self.node_id, hop, dst]
 
     async def _send_bulk(self, env: Envelope, parts: Sequence[Any], size: int) -> bool:
         """Send a large envelope on a direct bulk stream; False when it must go as chunks instead.
@@ -796,7 +803,7 @@ class Endpoint:
         if broadcast and self.relay:
             await self._flood(frame, "*" if target == self.node_id else target, hops)
         self.stats.relayed_received += 1
-        self.routes.heard_through_relay(inner.src)
+        self.routes.heard_through_relay(inner.src, wrapper.src)
         await self._dispatch(inner.model_copy(update={"hops": hops}))
 
     async def _forward(self, wrapper: Envelope, relay: Relay) -> None:

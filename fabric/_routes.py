@@ -62,6 +62,8 @@ class Routes:
         """relay -> the links it last reported: node -> one-way delay in ms."""
         self._far: set[str] = set()
         """Nodes heard of only through relays: without a route they are unreachable."""
+        self._came_via: dict[str, str] = {}
+        """far node -> the relay that last handed us something from it (a way back to it)."""
         self._paths: dict[str, list[str]] | None = None  # cached; None: recompute on next use
         self._computed_at = 0.0
 
@@ -79,8 +81,9 @@ class Routes:
         if bool(where) != before:
             self.invalidate()
 
-    def heard_through_relay(self, node: str) -> None:
-        """Something from `node` arrived through relays."""
+    def heard_through_relay(self, node: str, last_relay: str) -> None:
+        """Something from `node` arrived through relays, handed to us by `last_relay`."""
+        self._came_via[node] = last_relay
         if node not in self._far and not self._visible.get(node):
             self._far.add(node)
             self.invalidate()
@@ -154,6 +157,15 @@ class Routes:
             self._paths = self._compute()
             self._computed_at = self._clock()
         return self._paths.get(dst)
+
+    def way_back(self, dst: str) -> str | None:
+        """The relay that last handed us something from `dst`, if it is still a direct peer.
+
+        For when no relay has reported a link toward `dst` yet (a reply can outrun the reports):
+        going back the way its last message came, that relay routes on.
+        """
+        back = self._came_via.get(dst)
+        return back if back is not None and self.is_direct(back) else None
 
     def next_hop(self, dst: str) -> str | None:
         """Where to send a message for `dst`: `dst` itself, a relay, or None without a route."""
