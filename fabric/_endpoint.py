@@ -50,6 +50,7 @@ from typing import Any, Literal
 from fabric._bulk import TRANSFER_MIN_RATE, BulkListener, BulkRefused, BulkSender
 from fabric._errors import DeadlineExceeded, FabricClosed, FabricError, PeerUnreachable, TransportError
 from fabric._links import LinkTable
+from fabric._outbox import Outbox
 from fabric._peers import PeerEvent, PeerTable
 from fabric._routes import Routes
 from fabric._transports.base import PresenceEvent, Transport
@@ -125,7 +126,7 @@ class EndpointStats:
     relay_refused: int = 0
     """Frames this node could not forward: no route, a loop, or the hop limit."""
     rerouted: int = 0
-    """Requests sent again on a new route because the relay they went through died."""
+    """Frames sent again on a new route because the relay they went through died (`_resend`)."""
 
 
 class _End:
@@ -140,7 +141,6 @@ class _Request:
 
     def __init__(self, dst: str) -> None:
         self.dst = dst
-        self.sent: Envelope | None = None  # the request, kept to send again if its relay dies
         self.via: str | None = None  # the relay it went to, when it did not go direct
         self.future: asyncio.Future[Envelope] = asyncio.get_running_loop().create_future()
 
@@ -163,7 +163,6 @@ class _Stream:
 
     def __init__(self, dst: str, size: int) -> None:
         self.dst = dst
-        self.sent: Envelope | None = None
         self.via: str | None = None
         self.queue: asyncio.Queue[Envelope | _End] = asyncio.Queue(size)
         self.error: FabricError | None = None
@@ -265,6 +264,7 @@ class Endpoint:
             raise ValueError("an endpoint needs at least one transport")
         self.transport = self.transports[0]
         self.relay = relay
+        self._plain = links is None and len(self.transports) == 1  # one transport, no link emulation
         if relay and capabilities is not None and not capabilities.relay:
             capabilities = capabilities.model_copy(update={"relay": True})
         self.capabilities = capabilities
@@ -274,6 +274,7 @@ class Endpoint:
         self.heartbeat_s = heartbeat_s
         self.peers = PeerTable(self._on_peer_event, dead_after_s=dead_after_s or 3 * heartbeat_s)
         self.routes = Routes(node_id, self.peers.__contains__)
+        self._outbox = Outbox(keep_s=2 * self.peers.dead_after_s + heartbeat_s)
         self._hellos: dict[str, bytes] = {}  # a relay's copy of every node's hello frame
         self._signer = signer
         self._verifier = verifier
@@ -383,6 +384,9 @@ class Endpoint:
                 self._background.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._background
+            for stray in list(self._strays):  # introductions, resends: nothing outlives the endpoint
+                stray.cancel()
+            await asyncio.gather(*self._strays, return_exceptions=True)
             if graceful and self._state == "running":
                 with contextlib.suppress(FabricError, TimeoutError):
                     async with asyncio.timeout(1.0):
@@ -448,7 +452,8 @@ class Endpoint:
     async def _send_envelope(self, env: Envelope) -> None:
         if self._state == "closed":
             raise FabricClosed(f"endpoint {self.node_id!r} is closed")
-        hop = self._hop(env.dst)
+        # (no relay known: everything goes direct, without a call; this path is hot)
+        hop = self._hop(env.dst, reply=env.corr is not None) if self.routes.active else env.dst
         parts = encode_parts(env, signer=self._signer)
         single = parts[0] if len(parts) == 1 and type(parts[0]) is bytes else None
         size = len(single) if single is not None else sum(memoryview(p).nbytes for p in parts)
@@ -474,19 +479,21 @@ class Endpoint:
                 self.stats.relayed_blobs_sent += 1
         self.stats.sent += 1
 
-    def _hop(self, dst: str) -> str:
+    def _hop(self, dst: str, *, reply: bool = False) -> str:
         """Where a frame for `dst` goes first: `dst` itself, or the first relay of its route.
 
         A node known only through relays, with no relay left that reaches it, is unreachable. A
         node not known at all is sent to directly, as before anyone knew of segments (the
-        transport keeps it for the node, or the network drops it).
+        transport keeps it for the node, or the network drops it). A `reply` with no route yet
+        goes back the way its request came (see `Routes.way_back`).
         """
-        if dst == "*" or dst.startswith("group:") or self.routes.is_direct(dst):
-            return dst
-        path = self.routes.path(dst)
+        routes = self.routes
+        if not routes.active or dst == "*" or dst.startswith("group:") or routes.is_direct(dst):
+            return dst  # (no relay and no far node known: the common case costs one check)
+        path = routes.path(dst)
         if path is not None:
             return path[1]
-        back = self.routes.way_back(dst)
+        back = routes.way_back(dst) if reply else None
         if back is not None:
             return back
         if self.routes.is_far(dst):
@@ -577,11 +584,15 @@ class Endpoint:
     async def _transmit(self, dst: str, frame: bytes, hop: str, deadline: float | None) -> None:
         """Send one encoded frame for `dst` to `hop`: as is when that is `dst`, else wrapped for the relay."""
         if hop != dst:
+            self._outbox.keep(hop, dst, frame, deadline)  # to send again if the relay dies holding it
             wrapper = Envelope.new(
                 src=self.node_id, dst=hop, body=Relay(target=dst, frame=frame), deadline=deadline
             )
             frame = encode(wrapper, signer=self._signer)
             self.stats.relayed_sent += 1
+        elif self._plain:
+            await self.transport.send(hop, frame)  # the common case, without two more layers
+            return
         await self._put(hop, frame)
 
     async def _put(self, address: str, frame: bytes) -> None:
@@ -614,9 +625,9 @@ class Endpoint:
         peer = self.peers.get(env.dst)
         if peer is not None and not peer.alive:
             raise PeerUnreachable(env.dst, "it left or was declared dead")
-        hop = self._hop(env.dst)
-        pending.sent = env
-        pending.via = hop if hop != env.dst else None
+        if self.routes.active:
+            hop = self._hop(env.dst)
+            pending.via = hop if hop != env.dst else None
         self._pending[env.id] = pending
 
     async def request(self, dst: str, body: Any, *, timeout: float, trace: str | None = None) -> Envelope:
@@ -708,7 +719,12 @@ class Endpoint:
 
     async def _on_frame(self, frame: bytes) -> None:
         try:
-            env = decode(frame, verifier=self._verifier, max_size=self._max_frame)
+            env = decode(frame, max_size=self._max_frame)
+            if self._verifier is not None:
+                if env.id in self._dedupe:  # a second copy (another broker, or a relay's): no replay
+                    self.stats.duplicates += 1
+                    return
+                self._verifier.check(env, frame)
         except ProtocolError as exc:
             self.stats.malformed += 1
             log.warning("%s: dropped a frame of %d bytes: %s", self.node_id, len(frame), exc)
@@ -729,6 +745,10 @@ class Endpoint:
         if self._dedupe.seen(env.id):
             self.stats.duplicates += 1
             return
+        if env.hops and isinstance(env.body, Hello):  # a node of another segment, via a relay:
+            hello = env.body  # what it is, but no sign that it is alive now (its heartbeats are)
+            self.peers.describe(env.src, hello.capabilities, tuple(hello.versions), hello.bulk)
+            return
         self.peers.seen(env.src)
         if env.deadline is not None and env.deadline < time.time():
             self.stats.expired += 1
@@ -742,9 +762,6 @@ class Endpoint:
             return
         if isinstance(body, Relay):
             await self._on_relay(env, body)
-            return
-        if isinstance(body, Hello):  # a node of another segment, announced through a relay
-            self.peers.seen(env.src, body.capabilities, tuple(body.versions), body.bulk)
             return
         if isinstance(body, Bye):
             self.peers.gone(env.src, "left")
@@ -973,7 +990,7 @@ class Endpoint:
         if known != frame:
             await self._flood(frame, "*", [])
         for other, hello in list(self._hellos.items()):
-            if other == node:
+            if other == node or (other != self.node_id and other not in self.peers):
                 continue
             wrapper = Envelope.new(
                 src=self.node_id, dst=node, body=Relay(target=node, frame=hello), hops=[self.node_id]
@@ -994,38 +1011,52 @@ class Endpoint:
         self.routes.invalidate()
         if event.kind != "joined":
             why = "it said bye" if event.kind == "left" else "it was declared dead"
+            self._hellos.pop(event.node, None)  # a relay introduces no one who is gone
             for pending in list(self._pending.values()):
                 if pending.dst == event.node:
                     pending.fail(PeerUnreachable(event.node, why))
                 elif pending.via == event.node:
-                    self._spawn(self._reroute(pending, event.node), f"reroute:{pending.dst}")
+                    self._reroute(pending, event.node)
+            held = self._outbox.take(event.node)
+            if held:
+                self._spawn(self._resend(event.node, [(s.dst, s.frame, s.deadline) for s in held]), "resend")
         for listener in self._listeners:
             try:
                 listener(event)
             except Exception:
                 log.exception("%s: peer listener failed on %s", self.node_id, event)
 
-    async def _reroute(self, pending: _Request | _Stream, relay: str) -> None:
-        """The relay a request went through died: send it again on the route that is left.
+    def _reroute(self, pending: _Request | _Stream, relay: str) -> None:
+        """The relay a request went through died: it now goes by the route left, or fails at once.
 
-        If it had arrived, its destination drops the copy as a duplicate; if its reply was lost
-        with the relay, the request ends at its deadline. With no route left it fails at once.
+        The request itself is sent again from the outbox (`_resend`), with everything else that
+        went through the relay lately.
         """
-        sent = pending.sent
-        if sent is None:
-            return
         try:
-            hop = self._hop(sent.dst)
-            if hop == sent.dst and self.routes.is_far(sent.dst):
-                raise PeerUnreachable(sent.dst, f"relay {relay} died and no other relay reaches it")
-            pending.via = hop if hop != sent.dst else None
-            self.stats.rerouted += 1
-            await self._send_envelope(sent)
+            hop = self._hop(pending.dst)
+            if hop == pending.dst and self.routes.is_far(pending.dst):
+                raise PeerUnreachable(pending.dst, f"no relay other than {relay} reaches it")
         except PeerUnreachable as exc:
             why = f"relay {relay} died with the request in flight, and {exc.why}"
-            pending.fail(PeerUnreachable(sent.dst, why))
-        except FabricError as exc:
-            log.warning("%s: %s not sent again after relay %s died: %s", self.node_id, sent.kind, relay, exc)
+            pending.fail(PeerUnreachable(pending.dst, why))
+            return
+        pending.via = hop if hop != pending.dst else None
+
+    async def _resend(self, relay: str, held: list[tuple[str, bytes, float | None]]) -> None:
+        """Send again, by the routes left, what went through `relay` shortly before it died.
+
+        Whatever had arrived is dropped by its receiver as a duplicate; what the relay still held
+        arrives now. Frames for nodes no longer reachable are dropped (their pending requests fail).
+        """
+        for dst, frame, deadline in held:
+            if deadline is not None and deadline < time.time():
+                continue
+            try:
+                await self._transmit(dst, frame, self._hop(dst, reply=True), deadline)
+            except FabricError as exc:
+                log.warning("%s: not sent again after relay %s died: %s", self.node_id, relay, exc)
+                continue
+            self.stats.rerouted += 1
 
     async def _probe(self, seq: int) -> None:
         """Probe the links toward relays: a unicast heartbeat to each direct peer that relays.

@@ -88,6 +88,15 @@ class PeerTable:
             peer.alive = True
             self._on_event(PeerEvent(node, "joined", peer.capabilities))
 
+    def describe(
+        self, node: str, capabilities: Capabilities, versions: tuple[int, ...] = (), bulk: str | None = None
+    ) -> None:
+        """Record what `node` is (from a hello passed on by a relay) without taking it as alive."""
+        peer = self._peers.get(node)
+        if peer is None:
+            peer = self._peers[node] = Peer(node, alive=False)
+        peer.capabilities, peer.versions, peer.bulk = capabilities, versions, bulk
+
     def gone(self, node: str, kind: Literal["left", "dead"]) -> None:
         """The node said bye, its presence was withdrawn, or it went silent."""
         peer = self._peers.get(node)

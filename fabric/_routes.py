@@ -28,13 +28,16 @@ from collections.abc import Callable, Mapping
 
 import networkx as nx
 
-__all__ = ["HOP_MS", "SAMPLES", "Routes"]
+__all__ = ["HOP_MS", "MAX_LINKS", "SAMPLES", "Routes"]
 
 HOP_MS = 1.0
 """Cost added per hop, in milliseconds: of paths with like delays, the one with fewer relays wins."""
 
 SAMPLES = 8
 """Delay samples kept per link; the smallest counts (queueing only ever adds delay)."""
+
+MAX_LINKS = 1024
+"""Most links a relay reports in one heartbeat (the protocol's bound)."""
 
 _REWEIGH_S = 1.0  # small changes of delay re-rank routes at most this often; a new topology at once
 
@@ -65,6 +68,8 @@ class Routes:
         self._came_via: dict[str, str] = {}
         """far node -> the relay that last handed us something from it (a way back to it)."""
         self._paths: dict[str, list[str]] | None = None  # cached; None: recompute on next use
+        self.active = False
+        """True once a relay has reported links or a node was heard through one (else all is direct)."""
         self._computed_at = 0.0
 
     # what the endpoint tells us -------------------------------------------------------------
@@ -84,6 +89,7 @@ class Routes:
     def heard_through_relay(self, node: str, last_relay: str) -> None:
         """Something from `node` arrived through relays, handed to us by `last_relay`."""
         self._came_via[node] = last_relay
+        self.active = True
         if node not in self._far and not self._visible.get(node):
             self._far.add(node)
             self.invalidate()
@@ -102,6 +108,7 @@ class Routes:
         """`relay` reported the nodes it reaches directly and each link's delay (ms)."""
         before = self._links.get(relay)
         self._links[relay] = dict(links)
+        self.active = True
         if (
             before is None
             or before.keys() != links.keys()
@@ -141,13 +148,18 @@ class Routes:
     def advertise(self) -> dict[str, float]:
         """What this node, as a relay, reports: each alive direct peer it has heard, and the delay (ms).
 
-        A peer not heard from directly yet is left out: its link is not known to work.
+        A peer not heard from directly yet is left out: its link is not known to work. A delay may
+        be negative (clock offsets; see the module docstring). At most `MAX_LINKS` peers, the
+        closest.
         """
-        return {
-            node: round(max(0.0, self.delay_ms(node)), 3)
+        links = {
+            node: round(self.delay_ms(node), 3)
             for node, where in self._visible.items()
             if where and node in self._delays and self._alive(node)
         }
+        if len(links) > MAX_LINKS:
+            links = dict(sorted(links.items(), key=lambda item: item[1])[:MAX_LINKS])
+        return links
 
     def path(self, dst: str) -> list[str] | None:
         """The nodes a message to `dst` passes, from this node to `dst`; None without a route."""

@@ -112,9 +112,10 @@ class Heartbeat(WireModel):
     """Tasks the node has accepted but not started."""
     load: float = Field(default=0.0, ge=0)
     """One-minute load average divided by cores."""
-    links: dict[NodeId, Annotated[float, Field(ge=0)]] | None = Field(default=None, max_length=1024)
+    links: dict[NodeId, float] | None = Field(default=None, max_length=1024)
     """Sent by relays only: each node the relay can send to directly, with the measured one-way
-    delay of that link in milliseconds. Other nodes route through the relay on these links."""
+    delay of that link in milliseconds (arrival minus sender time: negative when the clocks
+    differ by more than the delay). Other nodes route through the relay on these links."""
 
 
 class Bye(WireModel):
@@ -429,8 +430,8 @@ class Relay(WireModel):
 
     kind: Literal["relay"] = "relay"
     target: Address
-    """The final destination of the inner frame: a node, or ``*`` or a group, which relays flood
-    into every segment they join."""
+    """The final destination of the inner frame: a node, or ``*`` (or a group the relay belongs
+    to), which relays flood into every segment they join."""
     frame: bytes
     """The inner envelope, encoded (and signed) by its origin; relays never alter it."""
 

@@ -56,6 +56,7 @@ class InprocHub:
         self.partitioned = 0
         """Frames dropped because a partition separates their sender from a receiver."""
         self._where: dict[str, tuple[frozenset[str], bool]] = {}
+        self._segmented = False  # until a node is made outside the public default segment
         self.unreachable = 0
         """Frames dropped because the receiver is in no segment of the sender's and is not public."""
 
@@ -66,10 +67,13 @@ class InprocHub:
         if isinstance(segments, str) or not segments:
             raise ValueError(f"{node_id}: segments must be a non-empty list of names, got {segments!r}")
         self._where[node_id] = (frozenset(segments), public)
+        self._segmented = self._segmented or not public or list(segments) != ["default"]
         return InprocTransport(self, node_id)
 
     def reaches(self, src: str, dst: str) -> bool:
         """True when a frame from node `src` can reach node `dst` (shared segment, or `dst` public)."""
+        if not self._segmented:
+            return True
         a, b = self._where.get(src), self._where.get(dst)
         if a is None or b is None or b[1]:
             return True
@@ -127,7 +131,7 @@ class InprocHub:
             if cut and (sender, node) in cut:
                 self.partitioned += 1
                 continue
-            if not self.reaches(sender, node):
+            if self._segmented and not self.reaches(sender, node):
                 self.unreachable += 1
                 continue
             await self._deliver(node, frame)

@@ -201,8 +201,11 @@ async def test_a_request_in_flight_when_its_relay_dies_completes_or_fails_clearl
     await net.node("relay-2", "home", "dc", relay=True)
     await device.wait_for_peer("cloud", timeout=30, announced=True)
     await eventually(
-        lambda: all("cloud" in device.routes.reported(r) for r in ("relay-1", "relay-2")),
-        what="both relays' links to the cloud",
+        lambda: (
+            all("cloud" in device.routes.reported(r) for r in ("relay-1", "relay-2"))
+            and all("device" in cloud.routes.reported(r) for r in ("relay-1", "relay-2"))
+        ),
+        what="both relays' links, both ways",
     )
     via = device.route("cloud")[1]
     assert via == "relay-1" or via == "relay-2"
@@ -285,3 +288,23 @@ async def test_routes_follow_the_measured_link_cost(net: Net) -> None:
 
     assert device.route("cloud") == ["device", "relay-2", "cloud"]
     assert (await device.request("cloud", ask(), timeout=10)).body.value["hops"] == ["relay-2"]
+
+
+async def test_what_a_dying_relay_still_held_is_sent_again_through_the_other_relay(net: Net) -> None:
+    device = await net.node("device", "home")
+    cloud = await net.node("cloud", "dc")
+    holding = LinkTable()
+    holding.set("cloud", LinkSpec(latency_ms=3000))  # relay-1 sits on what it passes to the cloud
+    first = await net.node("relay-1", "home", "dc", relay=True, links=holding)
+    await device.wait_for_peer("cloud", timeout=30, announced=True)
+    assert device.route("cloud") == ["device", "relay-1", "cloud"]
+
+    sent = await device.send("cloud", ask("fire and forget"))  # no reply awaited: nothing to time out
+    await eventually(lambda: first.stats.forwarded >= 1, what="the message inside relay-1")
+    await net.node("relay-2", "home", "dc", relay=True)
+    await eventually(lambda: "cloud" in device.routes.reported("relay-2"), what="relay-2's link to the cloud")
+    await first.crash()  # with the message still on its way out
+
+    got = await cloud.recv(timeout=30)
+    assert got.id == sent.id and got.body.value == "fire and forget" and got.hops == ["relay-2"]
+    assert device.stats.rerouted >= 1
