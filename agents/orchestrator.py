@@ -199,6 +199,10 @@ class Orchestrator:
         # first come, first served, so each starts when an earlier one ends (the straggler clock).
         self._waiting: dict[str, deque[_Attempt]] = defaultdict(deque)
         self._produced_on: dict[str, str] = {}
+        # Assignments sent and not yet acknowledged, by envelope id: a relay that cannot pass one
+        # on answers with an `unreachable` error about that id.
+        self._unacked: dict[str, tuple[str, int]] = {}
+        self._unroutable_until: dict[str, float] = {}  # node -> monotonic time: not placed on before
         self._estimates = _Estimates()
         self._rng = random.Random()
         self._started = time.monotonic()
@@ -357,7 +361,7 @@ class Orchestrator:
             else []
         )
         outstanding_of, estimate, allowed = self._outstanding, self._estimates.get, self.nodes
-        reachable = self.endpoint.reachable
+        reachable, unroutable, now = self.endpoint.reachable, self._unroutable_until, time.monotonic()
         best, best_cost = None, float("inf")
         for peer in self.endpoint.peers.alive():
             caps = peer.capabilities
@@ -377,7 +381,7 @@ class Orchestrator:
                 continue
             if accelerators and any(acc not in caps.accelerators for acc in accelerators):
                 continue
-            if not reachable(node):  # alive, but in another segment with no relay to it just now
+            if not reachable(node) or unroutable.get(node, 0.0) > now:  # no relay to it just now
                 continue
             outstanding = outstanding_of[node]
             if free_only and outstanding >= cores:
@@ -428,7 +432,8 @@ class Orchestrator:
         self.stats.dispatched += 1
         self._event("speculate" if speculative else "dispatch", task_id, node, attempt_no, self._via(node))
         try:
-            await self.endpoint.send(node, assign, trace=graph.job)
+            sent = await self.endpoint.send(node, assign, trace=graph.job)
+            self._unacked[sent.id] = (task_id, attempt_no)
         except ProtocolError as exc:  # its params or inputs cannot travel: no retry will help
             log.warning("dispatch of %s failed: %s", task_id, exc)
             self._give_up_attempt(task_id, attempt_no)
@@ -447,8 +452,12 @@ class Orchestrator:
     async def _receive(self) -> None:
         async for env in self.endpoint:
             body = env.body
+            if env.corr is not None and isinstance(body, TaskResult | TaskFailed | TaskAck):
+                self._unacked.pop(env.corr, None)  # delivered
             try:
-                if isinstance(body, TaskResult):
+                if isinstance(body, Error) and body.code == "unreachable" and env.corr is not None:
+                    self._on_undelivered(env.corr, env.src, body)
+                elif isinstance(body, TaskResult):
                     await self._on_result(env, body)
                 elif isinstance(body, TaskAck):
                     pass  # the node has it; nothing to do until its result
@@ -463,6 +472,23 @@ class Orchestrator:
             # Never send from here: this loop must keep draining the inbox, or a node blocked on
             # sending us results and we blocked on sending it work would wait for each other.
             self._check_finished()
+
+    def _on_undelivered(self, assign_id: str, by: str, error: Error) -> None:
+        """A relay could not pass an assignment on: place the task again, elsewhere for a moment."""
+        key = self._unacked.pop(assign_id, None)
+        if key is None:
+            return
+        task_id, attempt_no = key
+        attempt = self._give_up_attempt(task_id, attempt_no)
+        if attempt is None:
+            return
+        self._unroutable_until[attempt.node] = time.monotonic() + _REPLACE_S
+        why = f"not delivered: {by} reports {error.message}"
+        self._event("retry", task_id, attempt.node, attempt_no, why)
+        graph = self._graph()
+        if not self._by_task[task_id] and graph.task(task_id).state == "running":
+            graph.reset(task_id)
+        self._kick.set()
 
     async def _on_result(self, env: Envelope, body: TaskResult) -> None:
         graph = self._graph()
