@@ -150,3 +150,8 @@ def cpu_seconds(pid: int | None) -> float | None:
 def target_met(ok: bool) -> str:
     """A target's verdict for a rich table: a green yes or a red no."""
     return "[green]yes[/]" if ok else "[red]no[/]"
+
+
+def num(value: float | None, fmt: str = ",.0f") -> str:
+    """`value` formatted with `fmt` for a rich table, or a red "none" when it was not measured."""
+    return "[red]none[/]" if value is None else format(value, fmt)

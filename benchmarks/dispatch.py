@@ -90,7 +90,16 @@ from rich.table import Table  # noqa: E402
 from agents.graph import TaskGraph  # noqa: E402
 from agents.node import Node  # noqa: E402
 from agents.orchestrator import Orchestrator  # noqa: E402
-from benchmarks._common import base_parser, cpu_choices, emit_live, gc_paused, pinned, read_line, spawn_script  # noqa: E402
+from benchmarks._common import (  # noqa: E402
+    base_parser,
+    cpu_choices,
+    emit_live,
+    gc_paused,
+    num,
+    pinned,
+    read_line,
+    spawn_script,
+)
 from fabric import Endpoint, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Capabilities, TaskSpec  # noqa: E402
@@ -570,10 +579,6 @@ def report(settings: Settings, results: Results) -> dict[str, Any]:
     return out
 
 
-def _num(value: float | None, fmt: str = ",.0f") -> str:
-    return "[red]none[/]" if value is None else format(value, fmt)
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as a table, then notes and a one-line verdict."""
     r = result
@@ -609,9 +614,9 @@ def render(result: dict[str, Any], console: Console) -> None:
     for label, ours, ray, ratio, target, met in rows:
         table.add_row(
             label,
-            _num(r[f"{ours}_tasks_per_s"]),
-            _num(r[f"{ours}_us_per_task"], ".1f"),
-            _num(r[ray]) if ray else "",
+            num(r[f"{ours}_tasks_per_s"]),
+            num(r[f"{ours}_us_per_task"], ".1f"),
+            num(r[ray]) if ray else "",
             "" if ratio is None else f"{ratio:.2f}x",
             target,
             "" if met is None else "[green]yes[/]" if met else "[red]no[/]",
@@ -621,7 +626,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         console.print(f"[red]note: {note}[/]")
     verdict = "[green]meets targets[/]" if r["meets_targets"] else "[red]misses targets[/]"
     console.print(
-        f"Verdict: {verdict}: in-process {_num(inproc)} tasks/s"
+        f"Verdict: {verdict}: in-process {num(inproc)} tasks/s"
         + ("" if vs_ray is None else f", {vs_ray:.2f}x Ray")
     )
 

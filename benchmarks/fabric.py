@@ -118,6 +118,7 @@ from benchmarks._common import (  # noqa: E402
     cpu_seconds,
     emit_live,
     gc_paused,
+    num,
     percentile,
     pinned,
     read_line,
@@ -917,10 +918,6 @@ def run(settings: Settings, progress: Callable[[str], None]) -> dict[str, Any]:
     return out
 
 
-def _num(value: float | None, fmt: str = ",.0f") -> str:
-    return "[red]none[/]" if value is None else format(value, fmt)
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as a table (units in the first column), then notes and a one-line verdict."""
     mode = "quick" if result["quick"] else "full"
@@ -937,7 +934,7 @@ def render(result: dict[str, Any], console: Console) -> None:
     for column in ("figure", "flowloom", "baseline", "ratio", "target", "met"):
         table.add_column(column, justify="left" if column in ("figure", "target") else "right")
     r = result
-    table.add_row("inproc msgs/s", _num(r["inproc_msgs_per_s"]), "", "", "info", "")
+    table.add_row("inproc msgs/s", num(r["inproc_msgs_per_s"]), "", "", "info", "")
     p50 = r["inproc_rr_p50_us"]
     ok = p50 <= INPROC_P50_TARGET
     table.add_row("inproc req p50 us", f"{p50:.1f}", "", "", TARGETS["inproc_rr_p50_us"], target_met(ok))
@@ -945,19 +942,19 @@ def render(result: dict[str, Any], console: Console) -> None:
     ratio = r["mqtt_ratio_vs_raw"]
     table.add_row(
         "MQTT msgs/s",
-        _num(r["mqtt_msgs_per_s"]),
-        f"raw paho {_num(r['raw_paho_msgs_per_s'])}",
+        num(r["mqtt_msgs_per_s"]),
+        f"raw paho {num(r['raw_paho_msgs_per_s'])}",
         "" if ratio is None else f"{ratio:.2f}x",
         TARGETS["mqtt_ratio_vs_raw"],
         target_met(ratio is not None and ratio >= MQTT_RATIO_TARGET),
     )
-    table.add_row("MQTT req p50 us", _num(r["mqtt_rr_p50_us"], ".1f"), "", "", "info", "")
-    table.add_row("MQTT req p99 us", _num(r["mqtt_rr_p99_us"], ".1f"), "", "", "info", "")
+    table.add_row("MQTT req p50 us", num(r["mqtt_rr_p50_us"], ".1f"), "", "", "info", "")
+    table.add_row("MQTT req p99 us", num(r["mqtt_rr_p99_us"], ".1f"), "", "", "info", "")
     for size in BLOB_SIZES:
         key = _key(size)
         tcp = r[f"raw_tcp_gbps_{key}"]
         label = f"{size // MIB} MiB"
-        table.add_row(f"{label} inproc GB/s", _num(r[f"inproc_blob_gbps_{key}"], ".2f"), "", "", "info", "")
+        table.add_row(f"{label} inproc GB/s", num(r[f"inproc_blob_gbps_{key}"], ".2f"), "", "", "info", "")
         mqtt = r[f"mqtt_blob_gbps_{key}"]
         blob_ratio = _ratio(mqtt, tcp)
         target, met = "info", ""
@@ -966,8 +963,8 @@ def render(result: dict[str, Any], console: Console) -> None:
             met = target_met(blob_ratio is not None and blob_ratio >= BLOB_RATIO_TARGET)
         table.add_row(
             f"{label} MQTT GB/s",
-            _num(mqtt, ".3f"),
-            f"raw TCP {_num(tcp, '.2f')}",
+            num(mqtt, ".3f"),
+            f"raw TCP {num(tcp, '.2f')}",
             "" if blob_ratio is None else f"{blob_ratio:.3f}x",
             target,
             met,
@@ -977,8 +974,8 @@ def render(result: dict[str, Any], console: Console) -> None:
         paho_ratio = _ratio(broker, paho)
         table.add_row(
             f"{label} via broker GB/s",
-            _num(broker, ".3f"),
-            f"raw paho {_num(paho, '.3f')}",
+            num(broker, ".3f"),
+            f"raw paho {num(paho, '.3f')}",
             "" if paho_ratio is None else f"{paho_ratio:.2f}x",
             "info",
             "",
@@ -996,8 +993,8 @@ def render(result: dict[str, Any], console: Console) -> None:
         console.print(f"[red]note: {note}[/]")
     verdict = "[green]meets targets[/]" if result["meets_targets"] else "[red]misses targets[/]"
     console.print(
-        f"Verdict: {verdict}: MQTT {_num(ratio, '.2f')}x raw paho, in-process p50 {p50:.1f} us, "
-        f"64 MiB over MQTT {_num(r['mqtt_blob_ratio_vs_tcp'], '.3f')}x raw TCP"
+        f"Verdict: {verdict}: MQTT {num(ratio, '.2f')}x raw paho, in-process p50 {p50:.1f} us, "
+        f"64 MiB over MQTT {num(r['mqtt_blob_ratio_vs_tcp'], '.3f')}x raw TCP"
     )
 
 

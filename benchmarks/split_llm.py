@@ -82,7 +82,7 @@ from backends.llm.driver import Generation, SplitGenerator  # noqa: E402
 from backends.llm.models import SMOLLM2, load_tokenizer  # noqa: E402
 from backends.llm.reference import MonolithicResult, generate_monolithic  # noqa: E402
 from backends.llm.stage import SERVICE, WIRE_DTYPES  # noqa: E402
-from benchmarks._common import base_parser, emit_live, gc_paused, target_met  # noqa: E402
+from benchmarks._common import base_parser, emit_live, gc_paused, num, target_met  # noqa: E402
 from fabric import DeadlineExceeded, FabricError, InprocHub, MqttTransport  # noqa: E402
 from fabric.testing import MosquittoBroker  # noqa: E402
 from protocol import Capabilities  # noqa: E402
@@ -557,10 +557,6 @@ def report(settings: Settings, results: Results) -> dict[str, Any]:
     return out
 
 
-def _num(value: float | None, fmt: str = ".2f") -> str:
-    return "[red]none[/]" if value is None else format(value, fmt)
-
-
 def render(result: dict[str, Any], console: Console) -> None:
     """The figures as two tables (speed, wire formats), then notes and a one-line verdict."""
     r = result
@@ -581,9 +577,9 @@ def render(result: dict[str, Any], console: Console) -> None:
     ratio = r["split_inproc_ratio"]
     table.add_row(
         "tokens/s, 1 session",
-        _num(r["mono_tokens_per_s"]),
-        _num(r["split_inproc_tokens_per_s"]),
-        _num(r["split_mqtt_tokens_per_s"]),
+        num(r["mono_tokens_per_s"], ".2f"),
+        num(r["split_inproc_tokens_per_s"], ".2f"),
+        num(r["split_mqtt_tokens_per_s"], ".2f"),
         "" if ratio is None else f"{ratio:.2f}x",
         TARGETS["split_inproc_ratio"],
         target_met(ratio is not None and ratio >= RATIO_TARGET),
@@ -591,17 +587,17 @@ def render(result: dict[str, Any], console: Console) -> None:
     table.add_row(
         f"tokens/s, {r['sessions']} sessions",
         "",
-        _num(r["split_inproc_4_sessions_tokens_per_s"]),
-        _num(r["split_mqtt_4_sessions_tokens_per_s"]),
+        num(r["split_inproc_4_sessions_tokens_per_s"], ".2f"),
+        num(r["split_mqtt_4_sessions_tokens_per_s"], ".2f"),
         "",
         "info",
         "",
     )
     table.add_row(
         "TTFT s",
-        _num(r["mono_ttft_s"], ".3f"),
-        _num(r["split_ttft_s"], ".3f"),
-        _num(r["split_mqtt_ttft_s"], ".3f"),
+        num(r["mono_ttft_s"], ".3f"),
+        num(r["split_ttft_s"], ".3f"),
+        num(r["split_mqtt_ttft_s"], ".3f"),
         "",
         "info",
         "",
@@ -621,8 +617,8 @@ def render(result: dict[str, Any], console: Console) -> None:
         diverges = r["first_divergence"][wire]
         wires.add_row(
             wire,
-            _num(per_token, ",.0f"),
-            _num(per_token / f32 if per_token and f32 else None, ".2f") + "x",
+            num(per_token, ",.0f"),
+            num(per_token / f32 if per_token and f32 else None, ".2f") + "x",
             "none (identical)" if diverges is None else f"token {diverges}",
         )
     console.print(wires)
@@ -634,7 +630,7 @@ def render(result: dict[str, Any], console: Console) -> None:
         console.print(f"[red]note: {note}[/]")
     verdict = "[green]meets targets[/]" if r["meets_targets"] else "[red]misses targets[/]"
     console.print(
-        f"Verdict: {verdict}: split in-process {_num(ratio, '.2f')}x monolithic tokens/s, "
+        f"Verdict: {verdict}: split in-process {num(ratio, '.2f')}x monolithic tokens/s, "
         f"tokens {'identical' if r['identical_tokens'] else '[red]not identical[/]'}"
     )
 
