@@ -585,15 +585,27 @@ class Endpoint:
         """Send one encoded frame for `dst` to `hop`: as is when that is `dst`, else wrapped for the relay."""
         if hop != dst:
             self._outbox.keep(hop, dst, frame, deadline)  # to send again if the relay dies holding it
-            wrapper = Envelope.new(
-                src=self.node_id, dst=hop, body=Relay(target=dst, frame=frame), deadline=deadline
-            )
-            frame = encode(wrapper, signer=self._signer)
+            frame = self._wrap(hop, Relay(target=dst, frame=frame), deadline=deadline)
             self.stats.relayed_sent += 1
         elif self._plain:
             await self.transport.send(hop, frame)  # the common case, without two more layers
             return
         await self._put(hop, frame)
+
+    def _wrap(
+        self,
+        hop: str,
+        relay: Relay,
+        *,
+        hops: list[str] | None = None,
+        deadline: float | None = None,
+        trace: str | None = None,
+    ) -> bytes:
+        """The encoded, signed envelope that carries `relay` one hop, to `hop`; `hops`: relays passed."""
+        wrapper = Envelope.new(
+            src=self.node_id, dst=hop, body=relay, deadline=deadline, hops=hops, trace=trace
+        )
+        return encode(wrapper, signer=self._signer)
 
     async def _put(self, address: str, frame: bytes) -> None:
         """Send a frame one hop, through the emulated link toward `address` if there is one."""
@@ -826,7 +838,7 @@ class Endpoint:
     async def _forward(self, wrapper: Envelope, relay: Relay) -> None:
         """Pass a wrapped frame one hop on toward its target, or answer why it cannot go on."""
         target = relay.target
-        hops = [*wrapper.hops] if wrapper.hops else []
+        hops = list(wrapper.hops)
         why: str | None = None
         if self.node_id in hops:
             why = f"routing loop: the frame for {target} came back to relay {self.node_id} (hops {hops})"
@@ -837,15 +849,9 @@ class Endpoint:
             if hop is None or hop in hops:
                 why = f"relay {self.node_id} has no route to {target}"
             else:
-                onward = Envelope.new(
-                    src=self.node_id,
-                    dst=hop,
-                    body=relay,
-                    deadline=wrapper.deadline,
-                    hops=[*hops, self.node_id],
-                    trace=wrapper.trace,
+                frame = self._wrap(
+                    hop, relay, hops=[*hops, self.node_id], deadline=wrapper.deadline, trace=wrapper.trace
                 )
-                frame = encode(onward, signer=self._signer)
                 try:
                     await self._put(hop, frame)
                 except FabricError as exc:
@@ -874,11 +880,10 @@ class Endpoint:
         """As a relay, pass a broadcast (or group) frame into every segment we join."""
         if self.node_id in hops or len(hops) >= MAX_HOPS:
             return
-        wrapper = Envelope.new(
-            src=self.node_id, dst=target, body=Relay(target=target, frame=frame), hops=[*hops, self.node_id]
-        )
         try:
-            await self._put(target, encode(wrapper, signer=self._signer))
+            await self._put(
+                target, self._wrap(target, Relay(target=target, frame=frame), hops=[*hops, self.node_id])
+            )
         except FabricError as exc:
             log.warning("%s: could not pass a broadcast on: %s", self.node_id, exc)
             return
@@ -992,11 +997,8 @@ class Endpoint:
         for other, hello in list(self._hellos.items()):
             if other == node or (other != self.node_id and other not in self.peers):
                 continue
-            wrapper = Envelope.new(
-                src=self.node_id, dst=node, body=Relay(target=node, frame=hello), hops=[self.node_id]
-            )
             try:
-                await self._put(node, encode(wrapper, signer=self._signer))
+                await self._put(node, self._wrap(node, Relay(target=node, frame=hello), hops=[self.node_id]))
             except FabricError as exc:
                 log.warning("%s: could not introduce %s to %s: %s", self.node_id, other, node, exc)
                 return
