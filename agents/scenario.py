@@ -288,19 +288,11 @@ class Scenario(_Strict):
             for b, spec_b in self.nodes.items():
                 if a != b and (not spec_b.nat or set(spec_a.joined) & set(spec_b.joined)):
                     reach.add_edge(a, b)
-        # only relays forward: a path may pass through a node only if it relays
-        relays = reach.subgraph(n for n, spec in self.nodes.items() if spec.relay)
         for node in self.nodes:
             for src, dst in ((host, node), (node, host)):
-                if src == dst or reach.has_edge(src, dst):
-                    continue
-                hops = [
-                    r
-                    for r in relays
-                    if reach.has_edge(src, r)
-                    and any(reach.has_edge(r2, dst) and nx.has_path(relays, r, r2) for r2 in relays)
-                ]
-                if not hops:
+                # Only relays pass messages on: every node on the way but the first must relay.
+                ways = reach.edge_subgraph((a, b) for a, b in reach.edges if a == src or self.nodes[a].relay)
+                if src != dst and not (dst in ways and nx.has_path(ways, src, dst)):
                     raise ValueError(
                         f"nodes.{node}: {src} cannot reach {dst}, which is behind NAT in segments "
                         f"{self.nodes[dst].joined}, and no relay (or chain of relays) joins a segment of "
