@@ -193,7 +193,7 @@ async def _serve_node(args: argparse.Namespace, caps: Capabilities, console: Con
     transports = [MqttTransport(url, args.id, namespace=args.namespace) for url in brokers]
     node = Node(
         args.id,
-        transports if len(transports) > 1 else transports[0],
+        transports,
         capabilities=caps,
         heartbeat_s=args.heartbeat_s,
         dead_after_s=args.dead_after_s,
