@@ -121,6 +121,8 @@ class _Attempt:
     in the node's queue behind as many attempts as the node has cores."""
     speculative: bool = False
     timer: asyncio.TimerHandle | None = None
+    sent_id: str | None = None
+    """The id of the assignment's envelope, until the node acknowledges it."""
 
 
 @dataclass
@@ -434,6 +436,7 @@ class Orchestrator:
         try:
             sent = await self.endpoint.send(node, assign, trace=graph.job)
             self._unacked[sent.id] = (task_id, attempt_no)
+            attempt.sent_id = sent.id
         except ProtocolError as exc:  # its params or inputs cannot travel: no retry will help
             log.warning("dispatch of %s failed: %s", task_id, exc)
             self._give_up_attempt(task_id, attempt_no)
@@ -694,6 +697,8 @@ class Orchestrator:
             return None
         self._by_task[task_id].discard(attempt_no)
         self._outstanding[attempt.node] -= 1
+        if attempt.sent_id is not None:  # never acknowledged (its node died, say): forget it
+            self._unacked.pop(attempt.sent_id, None)
         if attempt.timer is not None:
             attempt.timer.cancel()
         if attempt.started != math.inf:  # a slot freed: the next waiting attempt starts now
